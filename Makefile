@@ -1,0 +1,39 @@
+# scops — two commands do all the set-up on a fresh machine:
+#   make demo   create .venv, install everything, build the tiny bundle, answer one question
+#   make test   same set-up, then the test suite
+# `make setup` alone builds the venv; it is idempotent and fast when nothing changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# llama.cpp without -march=native so the wheel pip caches runs on any x86-64 with AVX2.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF
+KERNEL_SRC := CMakeLists.txt $(wildcard kernels/*.h kernels/*.c kernels/*.cpp kernels/*.cu kernels/CMakeLists.txt)
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo clean
+setup: $(VENV)/.stamp-pkg
+
+$(VENV)/.stamp-deps: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel
+	# torch first, from the local CPU build, so nothing later pulls the CUDA one
+	$(PIP) install -q torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q llama-cpp-python==0.3.36
+	$(PIP) install -q "scikit-build-core>=0.10"
+	$(PIP) install -q --no-build-isolation -e ".[export,bench,test]"
+	touch $@
+
+$(VENV)/.stamp-pkg: $(VENV)/.stamp-deps $(KERNEL_SRC)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/scops demo
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,130 @@
+"""Tiny random-weight checkpoints of the real architectures, for tests and the demo.
+
+    python -m scops.export.fixtures minigpt4-tiny OUT_DIR
+
+writes an HF folder of `Blip2ForConditionalGeneration` with a LLaMA text model (the
+shape MiniGPT-4 has: EVA-style ViT + ln_vision + Q-Former + Linear + LLaMA), with a
+LLaMA-style sentencepiece tokenizer trained on the spot. Every width is shrunk; the
+structure (224x224 input, patch 14 -> 257 tokens, 32 queries, cross-attention every
+2nd Q-Former layer, bias on the projection) is the real one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TinyShape:
+    vision_width: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_mlp: int = 128
+    qformer_width: int = 64
+    qformer_layers: int = 2
+    qformer_heads: int = 4
+    qformer_ffn: int = 128
+    queries: int = 32            # MiniGPT-4 / BLIP-2: 32 learned query tokens
+    llm_width: int = 256         # multiple of 256 so Q4_K blocks (QK_K = 256) fit
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 4
+    llm_ffn: int = 512
+    llm_ctx: int = 1024
+    vocab: int = 512
+    seed: int = 0
+
+
+def _randomize(model, seed: int) -> None:
+    """Re-draw every parameter so outputs depend on the input and greedy picks are decisive.
+
+    HF's own init leaves the ViT at std 1e-10 (images would all look alike) and the LLM
+    at std 0.02 (near-uniform logits, where fp32 rounding could flip argmax ties).
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and name.endswith("weight"):      # every 1-D weight here is a norm's
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.ndim == 1:                                  # biases
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = p[0].numel() if p.ndim == 4 else p.shape[-1]   # conv: C*kh*kw
+                # LLM weights hotter than 1/sqrt(fan_in) so logits spread out
+                gain = 2.0 if name.startswith("language_model") else 1.0
+                p.copy_(gain * torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+
+
+def build_minigpt4_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
+    """Write the tiny HF checkpoint into `out` (created atomically) and return it."""
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    from .spm import train_tokenizer
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        train_tokenizer(tmp, vocab_size=shape.vocab)
+        import sentencepiece as spm
+        n_vocab = spm.SentencePieceProcessor(model_file=str(tmp / "tokenizer.model")).get_piece_size()
+        config = Blip2Config(
+            vision_config=dict(
+                hidden_size=shape.vision_width, intermediate_size=shape.vision_mlp,
+                num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+                image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True,
+            ),
+            qformer_config=dict(
+                hidden_size=shape.qformer_width, num_hidden_layers=shape.qformer_layers,
+                num_attention_heads=shape.qformer_heads, intermediate_size=shape.qformer_ffn,
+                cross_attention_frequency=2, encoder_hidden_size=shape.vision_width,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            ),
+            text_config=dict(
+                model_type="llama", hidden_size=shape.llm_width, num_hidden_layers=shape.llm_layers,
+                num_attention_heads=shape.llm_heads, num_key_value_heads=shape.llm_kv_heads,
+                intermediate_size=shape.llm_ffn, vocab_size=n_vocab,
+                max_position_embeddings=shape.llm_ctx, rms_norm_eps=1e-6, rope_theta=10000.0,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+            ),
+            num_query_tokens=shape.queries,
+        )
+        torch.manual_seed(shape.seed)
+        model = Blip2ForConditionalGeneration(config).eval()
+        _randomize(model, shape.seed)
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "scops_fixture.json").write_text(json.dumps(
+            {"family": "minigpt4", "shape": shape.__dict__}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+BUILDERS = {"minigpt4-tiny": build_minigpt4_tiny}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m scops.export.fixtures", description=__doc__.split("\n")[0])
+    ap.add_argument("name", choices=sorted(BUILDERS))
+    ap.add_argument("out", type=Path)
+    args = ap.parse_args(argv)
+    path = BUILDERS[args.name](args.out)
+    print(f"wrote {args.name} checkpoint to {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""ONNX exports declared as data, and validated against PyTorch right after export.
+
+Each stage is an `OnnxStageSpec`: inputs with symbolic dims, outputs, dynamic axes,
+opset and tolerance. `export_stage` traces at `trace_batch`; `validate_stage` then runs
+onnxruntime at `check_batch` (a batch size other than the traced one) on fresh random
+inputs and compares with the PyTorch module. Nothing here knows about families.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+# Opset 17 is the first with a native LayerNormalization op: norms stay one fp32 node
+# (the fp16-overflow pitfall of decomposed LayerNorm in fp16 engines).
+DEFAULT_OPSET = 17
+# Parity bar of the project: an ONNX stage matches PyTorch to 1e-4 (max abs diff).
+DEFAULT_ATOL = 1e-4
+# Graphs above this size keep their weights in a side file (protobuf's 2 GiB limit).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple            # ints and symbolic names, e.g. ("batch", 3, 224, 224)
+    dtype: str = "float32"  # "float32" | "int64"
+    high: int = 0           # exclusive upper bound for random integer inputs
+
+
+@dataclass(frozen=True)
+class OnnxStageSpec:
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int = DEFAULT_OPSET
+    atol: float = DEFAULT_ATOL
+    trace_batch: int = 1
+    check_batch: int = 2
+    sizes: dict = field(default_factory=dict)   # values for symbolic dims other than "batch"
+
+    def dynamic_axes(self) -> dict:
+        axes = {}
+        for t in self.inputs + self.outputs:
+            named = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            if named:
+                axes[t.name] = named
+        return axes
+
+    def concrete(self, t: TensorSpec, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == "batch" else self.sizes[d] if isinstance(d, str) else d for d in t.shape)
+
+    def describe(self) -> dict:
+        """The manifest's record of this graph: I/O names, shapes (symbolic kept), dtypes."""
+        return {
+            "inputs": {t.name: {"shape": list(t.shape), "dtype": t.dtype} for t in self.inputs},
+            "outputs": {t.name: {"shape": list(t.shape), "dtype": t.dtype} for t in self.outputs},
+            "opset": self.opset,
+        }
+
+
+def make_inputs(spec: OnnxStageSpec, batch: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for t in spec.inputs:
+        shape = spec.concrete(t, batch)
+        if t.dtype == "int64":
+            arrays.append(rng.integers(0, max(t.high, 2), size=shape, dtype=np.int64))
+        else:
+            arrays.append(rng.standard_normal(shape, dtype=np.float32))
+    return arrays
+
+
+def export_stage(module, spec: OnnxStageSpec, out_dir: Path) -> Path:
+    """Trace `module` at spec.trace_batch and write spec.file into out_dir."""
+    import onnx
+    import torch
+
+    path = Path(out_dir) / spec.file
+    args = tuple(torch.from_numpy(a) for a in make_inputs(spec, spec.trace_batch, seed=0))
+    module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # HF code branches on shapes fixed by the spec (e.g. the 32 queries): not data-dependent
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module, args, str(path), dynamo=False,
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_axes=spec.dynamic_axes(), opset_version=spec.opset,
+            do_constant_folding=True,
+        )
+    model = onnx.load(str(path))
+    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=spec.file + ".data")
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def validate_stage(module, spec: OnnxStageSpec, path: Path, seed: int = 1) -> float:
+    """Max abs diff between onnxruntime and PyTorch at spec.check_batch; raises above atol."""
+    import onnxruntime as ort
+    import torch
+
+    inputs = make_inputs(spec, spec.check_batch, seed=seed)
+    with torch.no_grad():
+        ref = module(*(torch.from_numpy(a) for a in inputs))
+    ref = [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {t.name: a for t, a in zip(spec.inputs, inputs)})
+    diff = 0.0
+    for r, g, t in zip(ref, got, spec.outputs):
+        if r.shape != g.shape:
+            raise RuntimeError(f"{spec.file}: output {t.name} shape {g.shape} != PyTorch {r.shape}")
+        diff = max(diff, float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)))))
+    if not np.isfinite(diff) or diff > spec.atol:
+        raise RuntimeError(f"{spec.file}: ONNX vs PyTorch max abs diff {diff:.3g} > {spec.atol:g} "
+                           f"at batch {spec.check_batch}")
+    return diff
+
+
+def export_and_validate(module, spec: OnnxStageSpec, out_dir: Path,
+                        log: Callable[[str], None] = print) -> dict:
+    t0 = time.perf_counter()
+    path = export_stage(module, spec, out_dir)
+    t1 = time.perf_counter()
+    diff = validate_stage(module, spec, path)
+    log(f"  {spec.file}: exported in {t1 - t0:.1f}s; onnxruntime vs PyTorch at batch "
+        f"{spec.check_batch}: max abs diff {diff:.2e} (<= {spec.atol:g})")
+    return {"max_abs_diff": diff, "batch": spec.check_batch, "atol": spec.atol}

@@ -1,0 +1,201 @@
+"""Conversations and streamed replies.
+
+`Conversation.send` checks and encodes eagerly (bad media, unknown options and an
+over-long prompt fail right there, touching nothing); the returned `Reply` prefills and
+decodes lazily as it is iterated, yielding text pieces, and can be cancelled.
+"""
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import threading
+import time
+
+from .errors import OptionError, PromptTooLong
+from .llm import Sampling
+from .template import Message, clean_answer, render, to_cells
+
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class GenOptions:
+    sampling: Sampling = Sampling()
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    stop: tuple = ()
+    ignore_stop: bool = False      # fixed-length decode: EOS and the template's stops ignored
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> "GenOptions":
+        names = {f.name for f in dataclasses.fields(Sampling)}
+        unknown = set(kw) - names - {"max_tokens", "stop", "ignore_stop"}
+        if unknown:
+            raise OptionError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        s = Sampling(**{k: v for k, v in kw.items() if k in names and v is not None})
+        checks = [(s.temperature >= 0, "temperature must be >= 0"), (s.top_k >= 0, "top_k must be >= 0"),
+                  (0 < s.top_p <= 1, "top_p must be in (0, 1]"), (s.repeat_penalty > 0, "repeat_penalty must be > 0")]
+        max_tokens = kw.get("max_tokens") or DEFAULT_MAX_TOKENS
+        checks.append((isinstance(max_tokens, int) and max_tokens > 0, "max_tokens must be a positive integer"))
+        for ok, msg in checks:
+            if not ok:
+                raise OptionError(msg)
+        stop = kw.get("stop") or ()
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        return cls(s, max_tokens, stop, bool(kw.get("ignore_stop", False)))
+
+
+class Conversation:
+    def __init__(self, session, system: str | None = None):
+        self.session = session
+        self.system = system
+        self.messages: list[Message] = []
+        self._media: dict = {}          # key -> (modality, rows): this chat's media, never evicted
+
+    def reset(self) -> None:
+        self.messages, self._media = [], {}
+
+    def _cells(self, messages: list[Message]) -> list:
+        tpl = self.session.bundle.template
+        segments = render(tpl, messages, self.system)
+        llm = self.session.llm
+        return to_cells(segments, llm.tokenize, lambda ref: len(self._media[ref.key][1]), tpl.get("bos", True))
+
+    def send(self, text: str, images=(), **options) -> "Reply":
+        opts = GenOptions.from_kwargs(**options)
+        if not isinstance(text, str):
+            raise OptionError("text must be a string")
+        t0 = time.perf_counter()
+        timings = {"preprocess_ms": 0.0, "encode_ms": 0.0}
+        refs = []
+        if images:
+            refs, timings = self.session.encode_images(list(images))
+            for r in refs:
+                self._media[r.key] = self.session.media_rows(r.key)
+        user = Message("user", text, refs)
+        cells = self._cells(self.messages + [user])
+        if len(cells) >= self.session.llm.n_ctx:
+            raise PromptTooLong(f"the conversation needs {len(cells)} positions but the context holds "
+                                f"{self.session.llm.n_ctx}; shorten the prompt or start a new chat")
+        return Reply(self, user, cells, opts, timings, time.perf_counter() - t0)
+
+
+class Reply:
+    """Iterate for text pieces; afterwards .text, .token_ids, .finish_reason, .timings."""
+
+    def __init__(self, conv: Conversation, user: Message, cells: list, opts: GenOptions,
+                 timings: dict, setup_s: float):
+        self.conv, self.user, self.cells, self.opts = conv, user, cells, opts
+        self.timings = dict(timings)
+        self._setup_s = setup_s
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self._cancel = threading.Event()
+        self._gen = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        self._cancel.set()
+        self._gen.close()
+
+    def result(self) -> "Reply":
+        for _ in self:
+            pass
+        return self
+
+    def _run(self):
+        session, llm = self.conv.session, self.conv.session.llm
+        if session.active is not None and session.active is not self:
+            session.active.close()
+        session.active = self
+        stops = list(self.opts.stop)
+        if not self.opts.ignore_stop:
+            stops += session.bundle.template.get("stop", [])
+        sampler = None
+        added = False
+        try:
+            t0 = time.perf_counter()
+            fill = _fill_from(session, self.conv._media)
+            reused, decoded = llm.sync(self.cells, fill)
+            session.stats.cells_reused += reused
+            session.stats.cells_decoded += decoded
+            t1 = time.perf_counter()
+            self.timings.update(prefill_ms=(t1 - t0) * 1e3, reused_cells=reused, decoded_cells=decoded)
+            self.conv.messages.append(self.user)
+            added = True
+            sampler = llm.make_sampler(self.opts.sampling, [c for c in self.cells if isinstance(c, int)])
+            yield from self._generate(llm, sampler, stops, t0)
+        finally:
+            if sampler is not None:
+                llm.free_sampler(sampler)
+            if added:
+                self.conv.messages.append(_assistant(self.text))
+            if self.finish_reason is None:
+                self.finish_reason = "cancelled"
+            if session.active is self:
+                session.active = None
+
+    def _generate(self, llm, sampler, stops, t0):
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        full, emitted = "", 0
+        holdback = max((len(s) for s in stops), default=1) - 1
+        t_first = t_last = None
+        while True:
+            if self._cancel.is_set():
+                self.finish_reason = "cancelled"
+                break
+            tok = llm.sample(sampler)
+            t_last = time.perf_counter()
+            if t_first is None:
+                t_first = t_last
+                self.timings["ttft_ms"] = (self._setup_s + t_first - t0) * 1e3
+            if llm.is_eog(tok) and not self.opts.ignore_stop:
+                self.finish_reason = "stop"
+                break
+            self.token_ids.append(tok)
+            full += decoder.decode(llm.piece(tok))
+            if emitted == 0:
+                full = full.lstrip()
+            cut = min((i for i in (full.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                full = full[:cut]
+                self.finish_reason = "stop"
+            end = len(full) if cut >= 0 else max(emitted, len(full) - holdback)
+            if end > emitted:
+                self.text = full[:end]
+                yield full[emitted:end]
+                emitted = end
+            if cut >= 0:
+                break
+            if len(self.token_ids) >= self.opts.max_tokens or len(llm.cells) + 1 >= llm.n_ctx:
+                self.finish_reason = "length"
+                break
+            llm.decode_tokens([tok], True)
+        if emitted < len(full) and self.finish_reason != "cancelled":
+            yield full[emitted:]
+        self.text = full
+        n = len(self.token_ids)
+        self.timings["n_tokens"] = n
+        if t_first is not None and n > 1 and t_last > t_first:
+            self.timings["decode_tok_s"] = (n - 1) / (t_last - t_first)
+
+
+def _assistant(text: str) -> Message:
+    return Message("assistant", clean_answer(text, []))
+
+
+def _fill_from(session, media: dict):
+    projectors = session.projectors
+
+    def fill(out, key, start):
+        modality, rows = media[key]
+        projectors[modality].forward(rows[start:start + len(out)], out=out)
+    return fill

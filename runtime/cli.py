@@ -1,0 +1,204 @@
+"""scops command line: run, chat, demo, info, export.
+
+Every user-facing failure is one line on stderr and a non-zero exit (2 for bad input or
+bundle, 1 for an internal error; SCOPS_DEBUG=1 shows its traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import ScopsError
+
+EXIT_USER, EXIT_INTERNAL = 2, 1
+GIBBERISH_NOTE = "(the demo model has random weights: its answer is gibberish by design; the timings are real)"
+
+
+def _session(args):
+    from .session import Session
+    return Session.open(args.bundle, n_ctx=args.n_ctx, threads=args.threads, verify=not args.no_verify)
+
+
+def _sampling(args) -> dict:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+            "top_k": args.top_k, "top_p": args.top_p, "repeat_penalty": args.repeat_penalty}
+
+
+def format_timings(t: dict) -> str:
+    keys = ("preprocess_ms", "encode_ms", "prefill_ms", "ttft_ms")
+    parts = [f"{k[:-3]} {t[k]:.1f} ms" for k in keys if k in t]
+    if "decode_tok_s" in t:
+        parts.append(f"decode {t['decode_tok_s']:.1f} tok/s")
+    return ", ".join(parts)
+
+
+def cmd_run(args) -> int:
+    session = _session(args)
+    reply = session.chat().send(args.prompt, images=args.image or (), **_sampling(args))
+    if args.json:
+        reply.result()
+        keys = ("preprocess_ms", "encode_ms", "prefill_ms", "ttft_ms", "decode_tok_s")
+        print(json.dumps({"text": reply.text, "token_ids": reply.token_ids, "finish_reason": reply.finish_reason,
+                          "timings": {k: reply.timings.get(k) for k in keys}}))
+    else:
+        for piece in reply:
+            print(piece, end="", flush=True)
+        print()
+        print(f"[{format_timings(reply.timings)}]", file=sys.stderr)
+    session.close()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    session = _session(args)
+    conv = session.chat()
+    pending = list(args.image or [])
+    print("scops chat: /image PATH attaches a picture, /reset starts over, /quit leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            conv.reset()
+            pending = []
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if path:
+                pending.append(path)
+                print(f"(attached {path})", file=sys.stderr)
+            continue
+        try:
+            reply = conv.send(line, images=pending, **_sampling(args))
+            pending = []
+            try:
+                for piece in reply:
+                    print(piece, end="", flush=True)
+            except KeyboardInterrupt:
+                reply.close()
+                print(" [cancelled]", end="")
+            print()
+            print(f"[{format_timings(reply.timings)}]", file=sys.stderr)
+        except ScopsError as e:
+            print(f"scops: error: {e}", file=sys.stderr)
+    session.close()
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .bundle import open_bundle
+    b = open_bundle(args.bundle, verify=not args.no_verify)
+    m = b.manifest
+    print(f"bundle   {b.path}")
+    print(f"family   {m['family']}   (schema {m['schema']}, from {m.get('source', '?')})")
+    llm = m["llm"]
+    print(f"llm      {llm['file']}  {llm['quant']}  n_embd {llm['n_embd']}  n_vocab {llm['n_vocab']}")
+    for mod, spec in m["modalities"].items():
+        chain = " -> ".join(s.get("file", s["op"]) for s in spec["stages"])
+        print(f"{mod:<8} {chain}  ({spec['rows']} rows)")
+    print("files")
+    for name, e in m["files"].items():
+        print(f"  {name:<28} {e['bytes'] / 2**20:9.2f} MiB  sha256 {e['sha256'][:12]}…")
+    for name, v in m.get("validation", {}).items():
+        print(f"parity   {name}: onnxruntime vs PyTorch max abs diff {v['max_abs_diff']:.2e} at batch {v['batch']}")
+    print(f"verified {'sha256 of every file' if not args.no_verify else 'sizes only (--no-verify)'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from scops.export.cli import run_export
+    return run_export(args)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="scops", description="Edge runtime for Q-Former-family multimodal chat")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def session_args(p):
+        p.add_argument("bundle", type=Path)
+        p.add_argument("--n-ctx", type=int, default=2048)
+        p.add_argument("--threads", type=int, default=0)
+        p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+
+    def sampling_args(p, max_tokens=256, temperature=0.8):
+        p.add_argument("--max-tokens", type=int, default=max_tokens)
+        p.add_argument("--temperature", type=float, default=temperature)
+        p.add_argument("--top-k", type=int, default=40)
+        p.add_argument("--top-p", type=float, default=0.95)
+        p.add_argument("--repeat-penalty", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None)
+
+    p = sub.add_parser("run", help="one turn: image + prompt -> answer")
+    session_args(p)
+    p.add_argument("--image", action="append", help="image file (repeat for several)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, timings)")
+    sampling_args(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat with streaming")
+    session_args(p)
+    p.add_argument("--image", action="append")
+    sampling_args(p)
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("info", help="what a bundle holds")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--no-verify", action="store_true")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("demo", help="build the tiny bundle (once) and answer one question about a photo")
+    p.add_argument("--cache", type=Path, default=None, help="where the demo bundle lives")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("export", help="checkpoint -> bundle")
+    p.add_argument("--from", dest="src", required=True, help="local HF folder or hub id")
+    p.add_argument("--family", required=True, choices=["minigpt4"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16", "F32"])
+    p.set_defaults(fn=cmd_export)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logger = logging.getLogger("scops")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("scops: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.fn(args)
+    except ScopsError as e:
+        print(f"scops: error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("scops: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("SCOPS_DEBUG"):
+            raise
+        print(f"scops: internal error: {type(e).__name__}: {e} (SCOPS_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""llama.cpp through llama-cpp-python's low-level API: the splice protocol.
+
+A turn is a list of cells: token ids (int) and media rows (a (key, row) tuple). The KV
+cache of sequence 0 mirrors `self.cells`; `sync` keeps the longest common prefix of what
+is cached and what the turn needs, removes the rest and decodes only the difference:
+text as token batches, media as `embd` batches (never mixed, never over n_batch), with
+logits requested for the last position only. Media rows are written by a callback
+straight into the batch's `embd` memory (the projector's output buffer).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import BundleError, PromptTooLong
+
+log = logging.getLogger("scops")
+
+# fill(out, key, start_row): write rows [start_row, start_row + len(out)) of media `key`
+# into out [n, n_embd] float32 (a view of the llama batch's embd buffer).
+FillFn = Callable[[np.ndarray, str, int], None]
+
+_BACKEND_READY = False
+_LOG_CALLBACK = None
+
+
+def _init_backend() -> None:
+    """llama_backend_init once per process; llama.cpp's own chatter goes to our debug log."""
+    global _BACKEND_READY, _LOG_CALLBACK
+    if _BACKEND_READY:
+        return
+    import llama_cpp as L
+
+    def forward(level, text, _user):
+        if level >= 4:                     # GGML_LOG_LEVEL_ERROR
+            log.debug("llama.cpp: %s", text.decode(errors="replace").rstrip())
+    _LOG_CALLBACK = L.llama_log_callback(forward)
+    L.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+    L.llama_backend_init()
+    _BACKEND_READY = True
+
+
+@dataclass(frozen=True)
+class LlmOptions:
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_threads: int = 0          # 0: one per core
+    n_gpu_layers: int = 0       # -1: all (when llama.cpp was built with a GPU backend)
+    # KV cache precision. "f16" halves its memory; "f32" (with flash attention off, whose
+    # CPU path rounds Q/K/V to f16) makes an F32 GGUF match PyTorch fp32 to ~1e-6.
+    kv_type: str = "f16"        # "f16" | "f32"
+    flash_attn: str = "auto"    # "auto" | "on" | "off"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """llama.cpp's own sampler chain: penalties -> top_k -> top_p -> temp -> dist (or greedy)."""
+    temperature: float = 0.8    # 0: greedy
+    top_k: int = 40
+    top_p: float = 0.95
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+
+class Llm:
+    def __init__(self, path: str, opts: LlmOptions = LlmOptions()):
+        import llama_cpp as L
+        self.L = L
+        _init_backend()
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = opts.n_gpu_layers
+        self.model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise BundleError(f"{path}: llama.cpp could not load this GGUF")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        threads = opts.n_threads or os.cpu_count() or 1
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = opts.n_ctx
+        cparams.n_batch = opts.n_batch
+        cparams.n_ubatch = opts.n_batch
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.type_k = cparams.type_v = {"f16": L.GGML_TYPE_F16, "f32": L.GGML_TYPE_F32}[opts.kv_type]
+        cparams.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                   "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[opts.flash_attn]
+        self.ctx = L.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise BundleError(f"{path}: llama.cpp could not create a context (n_ctx={opts.n_ctx})")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.n_ctx = L.llama_n_ctx(self.ctx)
+        self.n_batch = L.llama_n_batch(self.ctx)
+        self.n_embd = L.llama_model_n_embd_inp(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.threads = threads
+        self._tok_batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self._emb_batch = L.llama_batch_init(self.n_batch, self.n_embd, 1)
+        # [n_batch * n_embd] float32 view of the embd batch: the projector writes here
+        self._embd = np.ctypeslib.as_array(self._emb_batch.embd, shape=(self.n_batch * self.n_embd,))
+        self.cells: list = []
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    # ---- vocabulary -------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (self.L.llama_token * cap)()
+        n = self.L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_bos, False)
+        if n < 0:
+            raise RuntimeError(f"tokenize: needs {-n} tokens > {cap}")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        n = self.L.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        return self._piece_buf.raw[:max(n, 0)]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.L.llama_vocab_is_eog(self.vocab, token))
+
+    # ---- decoding ---------------------------------------------------------------
+    def _fill_common(self, batch, n: int, last_logits: bool) -> None:
+        pos0 = len(self.cells)
+        for i in range(n):
+            batch.pos[i] = pos0 + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 0
+        batch.logits[n - 1] = 1 if last_logits else 0
+        batch.n_tokens = n
+
+    def _decode(self, batch, cells: Sequence) -> None:
+        rc = self.L.llama_decode(self.ctx, batch)
+        if rc != 0:
+            # llama.cpp leaves the KV as it was before this batch on failure
+            self.truncate(len(self.cells))
+            raise RuntimeError(f"llama_decode failed with status {rc}")
+        self.cells.extend(cells)
+
+    def decode_tokens(self, tokens: Sequence[int], logits_at_end: bool) -> None:
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            b = self._tok_batch
+            for i, t in enumerate(chunk):
+                b.token[i] = t
+            self._fill_common(b, len(chunk), logits_at_end and start + len(chunk) == len(tokens))
+            self._decode(b, chunk)
+
+    def decode_media(self, cells: Sequence[tuple], fill: FillFn, logits_at_end: bool) -> None:
+        """cells: consecutive rows (key, row) of one or more media items, in order."""
+        for start in range(0, len(cells), self.n_batch):
+            chunk = cells[start:start + self.n_batch]
+            out = self._embd[:len(chunk) * self.n_embd].reshape(len(chunk), self.n_embd)
+            i = 0
+            while i < len(chunk):                  # one fill call per run of the same key
+                key, row = chunk[i]
+                j = i
+                while j < len(chunk) and chunk[j][0] == key:
+                    j += 1
+                fill(out[i:j], key, row)
+                i = j
+            self._fill_common(self._emb_batch, len(chunk), logits_at_end and start + len(chunk) == len(cells))
+            self._decode(self._emb_batch, chunk)
+
+    def truncate(self, n: int) -> None:
+        """Forget every cached position >= n."""
+        self.L.llama_memory_seq_rm(self.mem, 0, n, -1)
+        del self.cells[n:]
+
+    def sync(self, cells: list, fill: FillFn) -> tuple[int, int]:
+        """Make the KV hold exactly `cells`, decoding only past the common prefix.
+
+        Returns (reused, decoded). The last cell is always decoded so logits exist.
+        """
+        if len(cells) >= self.n_ctx:
+            raise PromptTooLong(f"the conversation needs {len(cells)} positions but the context "
+                                f"holds {self.n_ctx}; shorten the prompt or start a new chat")
+        common = 0
+        for a, b in zip(self.cells, cells):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(cells) - 1)
+        self.truncate(common)
+        runs = _split_runs(cells[common:])
+        for k, (is_media, run) in enumerate(runs):
+            last = k == len(runs) - 1
+            if is_media:
+                self.decode_media(run, fill, last)
+            else:
+                self.decode_tokens(run, last)
+        return common, len(cells) - common
+
+    # ---- sampling ---------------------------------------------------------------
+    def make_sampler(self, s: Sampling, history: Sequence[int] = ()):
+        L = self.L
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if s.repeat_penalty != 1.0:
+            args = (s.repeat_last_n, s.repeat_penalty, 0.0, 0.0)
+            if len(L.llama_sampler_init_penalties.argtypes) == 5:     # builds that take n_vocab first
+                args = (self.n_vocab,) + args
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(*args))
+        if s.temperature <= 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        else:
+            if s.top_k > 0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(s.top_k))
+            if s.top_p < 1.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(s.top_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(s.temperature))
+            seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(4), "little")
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        for t in history[-s.repeat_last_n:] if s.repeat_penalty != 1.0 else ():
+            L.llama_sampler_accept(chain, t)
+        return chain
+
+    def sample(self, sampler) -> int:
+        return int(self.L.llama_sampler_sample(sampler, self.ctx, -1))
+
+    def free_sampler(self, sampler) -> None:
+        self.L.llama_sampler_free(sampler)
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last decoded position that asked for them (a copy)."""
+        ptr = self.L.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.L.llama_batch_free(self._tok_batch)
+            self.L.llama_batch_free(self._emb_batch)
+            self.L.llama_free(self.ctx)
+            self.L.llama_model_free(self.model)
+            self.ctx = self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _split_runs(cells: Sequence) -> list[tuple[bool, list]]:
+    """[1, 2, (k,0), (k,1), 3] -> [(False, [1, 2]), (True, [(k,0), (k,1)]), (False, [3])]."""
+    runs: list[tuple[bool, list]] = []
+    for c in cells:
+        is_media = isinstance(c, tuple)
+        if runs and runs[-1][0] == is_media:
+            runs[-1][1].append(c)
+        else:
+            runs.append((is_media, [c]))
+    return runs

@@ -1,0 +1,126 @@
+"""Media decoding and preprocessing: bytes in, normalised arrays out (numpy + Pillow only).
+
+Every failure is an InputError with one line naming the input and the reason. Limits
+are checked from the header, before any pixel is decoded (a decompression bomb never
+allocates its pixels).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from .errors import InputError
+
+# 64 MiB of encoded image is far above any photo a chat needs (a 50 MP JPEG is ~25 MB).
+MAX_IMAGE_BYTES = 64 << 20
+# 50 MP: a full-frame camera photo. Pillow's own bomb guard (89 MP warning, 179 MP
+# error) is above this; we refuse earlier and before decoding.
+MAX_IMAGE_PIXELS = 50_000_000
+
+ImageSource = Union[str, Path, bytes, bytearray, memoryview, np.ndarray, "PIL.Image.Image"]
+
+
+def _read_bytes(src, kind: str, limit: int) -> tuple[bytes, str]:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data, name = bytes(src), f"<{kind} bytes>"
+    else:
+        path = Path(src)
+        name = str(path)
+        try:
+            size = path.stat().st_size
+            if size > limit:
+                raise InputError(f"{name}: {size / 2**20:.1f} MiB is over the {limit >> 20} MiB {kind} limit")
+            data = path.read_bytes()
+        except InputError:
+            raise
+        except IsADirectoryError:
+            raise InputError(f"{name}: is a directory, not an {kind} file") from None
+        except OSError as e:
+            raise InputError(f"{name}: cannot read ({e.strerror or e})") from None
+    if not data:
+        raise InputError(f"{name}: empty file")
+    if len(data) > limit:
+        raise InputError(f"{name}: {len(data) / 2**20:.1f} MiB is over the {limit >> 20} MiB {kind} limit")
+    return data, name
+
+
+def decode_image(src: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Any Pillow-readable image -> RGB uint8 [H, W, 3]."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(src, np.ndarray):
+        arr = src
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
+            raise InputError(f"image array must be uint8 [H, W, 3], got {arr.dtype} {list(arr.shape)}")
+        if arr.shape[0] * arr.shape[1] > max_pixels:
+            raise InputError(f"image array of {arr.shape[1]}x{arr.shape[0]} is over the {max_pixels} pixel limit")
+        return np.ascontiguousarray(arr)
+    if isinstance(src, Image.Image):
+        img, name = src, "<PIL image>"
+    else:
+        data, name = _read_bytes(src, "image", MAX_IMAGE_BYTES)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise InputError(f"{name}: not an image (unrecognised format)") from None
+        except Exception as e:
+            raise InputError(f"{name}: not a readable image ({e})") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise InputError(f"{name}: image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise InputError(f"{name}: {w}x{h} is over the {max_pixels / 1e6:.0f} MP limit (decompression bomb?)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            rgb = img.convert("RGB")
+            rgb.load()
+    except Exception as e:
+        reason = str(e) or type(e).__name__
+        raise InputError(f"{name}: corrupt or truncated image ({reason})") from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def content_hash(arr: np.ndarray, salt: str = "") -> str:
+    """Key of a decoded input: shape, dtype and bytes (same picture, any container -> same key)."""
+    h = hashlib.sha256(salt.encode())
+    h.update(repr((arr.shape, arr.dtype.str)).encode())
+    h.update(np.ascontiguousarray(arr).data)
+    return h.hexdigest()[:32]
+
+
+_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}   # PIL.Image.Resampling values
+
+
+def preprocess_image(rgb: np.ndarray, spec: dict) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> float32 [3, S, S] as the family's original transforms do.
+
+    resize "squash": straight to S x S (BLIP-2 / MiniGPT-4);
+    resize "short_side_crop": short side to S, then centre crop S x S (BuboGPT, ImageBind).
+    Pillow's resize is what torchvision's Resize runs on PIL images, so pixels match.
+    """
+    from PIL import Image
+
+    size = int(spec["size"])
+    resample = _RESAMPLE[spec.get("interpolation", "bicubic")]
+    img = Image.fromarray(rgb)
+    if spec.get("resize", "squash") == "squash":
+        img = img.resize((size, size), resample=resample)
+    else:
+        # torchvision Resize(S): short side to S, long side int(S * long / short) (truncated);
+        # CenterCrop(S): offsets int(round((n - S) / 2)).
+        w, h = img.size
+        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        img = img.resize((nw, nh), resample=resample)
+        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+        img = img.crop((left, top, left + size, top + size))
+    x = np.asarray(img, dtype=np.float32) / 255.0                    # [S, S, 3]
+    mean = np.asarray(spec["mean"], dtype=np.float32)
+    std = np.asarray(spec["std"], dtype=np.float32)
+    x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1))                # [S, S, 3] -> [3, S, S]

@@ -1,0 +1,143 @@
+"""Session: one opened bundle (encoders, projector, LLM) shared by its conversations.
+
+    session = Session.open("bundle/")
+    chat = session.chat()
+    for piece in chat.send("What is in the picture?", images=["cat.jpg"]):
+        print(piece, end="")
+
+The KV cache belongs to the session; a conversation is a list of messages that the
+session syncs the cache to (common prefix kept), so the system prompt is computed once
+per session and a new turn decodes only what is new.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, open_bundle
+from .encode import ModalityEncoder, pick_providers
+from .errors import BundleError, UnsupportedModality
+from .llm import Llm, LlmOptions
+from .preprocess import content_hash, decode_image, preprocess_image
+from .project import load_projector, projector_stage
+from .template import MediaRef
+
+log = logging.getLogger("scops")
+
+MEDIA_CACHE_ITEMS = 128       # bridge rows are small (32 x 768 fp32 = 96 KiB per image)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    n_ctx: int = 2048
+    n_batch: int = 512
+    threads: int = 0                 # 0: one per core
+    n_gpu_layers: int = 0
+    kv_type: str = "f16"             # "f32" + flash_attn "off": exact parity runs of F32 GGUFs
+    flash_attn: str = "auto"
+    providers: tuple | None = None   # onnxruntime providers, best first; None: auto
+    projector_backend: str = "auto"  # auto | cuda | cpu | numpy
+    verify: bool = True              # sha256 of every bundle file at open
+    warmup: bool = True              # one encoder + decode pass at open
+
+
+@dataclass
+class Stats:
+    encoder_runs: int = 0            # media items that went through the encoders
+    media_cache_hits: int = 0
+    cells_reused: int = 0
+    cells_decoded: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+class Session:
+    def __init__(self, bundle: Bundle, opts: SessionOptions):
+        self.bundle = bundle
+        self.opts = opts
+        self.stats = Stats()
+        cache_dir = Path.home() / ".cache" / "scops" / "trt"
+        self.providers = pick_providers(opts.providers, cache_dir)
+        self.encoders = {m: ModalityEncoder(bundle, m, self.providers, opts.threads) for m in bundle.modalities}
+        self.projectors = {m: load_projector(bundle, projector_stage(bundle, m), opts.projector_backend,
+                                             opts.threads) for m in bundle.modalities}
+        self.llm = Llm(str(bundle.llm_path), LlmOptions(opts.n_ctx, opts.n_batch, opts.threads, opts.n_gpu_layers,
+                                                               opts.kv_type, opts.flash_attn))
+        if self.llm.n_embd != int(bundle.manifest["llm"]["n_embd"]):
+            msg = f"{bundle.llm_path.name}: n_embd {self.llm.n_embd} != manifest {bundle.manifest['llm']['n_embd']}"
+            self.llm.close()
+            raise BundleError(msg)
+        self._media: OrderedDict = OrderedDict()     # key -> (modality, bridge rows [Q, D])
+        self.active = None                           # the Reply generating now, if any
+        names = [p if isinstance(p, str) else p[0] for p in self.providers]
+        log.info("backends: onnxruntime %s; projector %s; llama.cpp %d threads, n_ctx %d",
+                 "/".join(n.replace("ExecutionProvider", "") for n in names),
+                 ",".join(sorted({p.backend for p in self.projectors.values()})), self.llm.threads, self.llm.n_ctx)
+        if opts.warmup:
+            self._warmup()
+
+    @classmethod
+    def open(cls, path, **options) -> "Session":
+        opts = SessionOptions(**options)
+        return cls(open_bundle(path, verify=opts.verify), opts)
+
+    def chat(self, system: str | None = None):
+        from .chat import Conversation
+        return Conversation(self, system)
+
+    # ---- media --------------------------------------------------------------------
+    def _warmup(self) -> None:
+        """First-call costs (graph init, allocations) paid at open, not in the first turn."""
+        for m, enc in self.encoders.items():
+            pre = self.bundle.modalities[m]["preprocess"]
+            x = np.zeros((1, 3, pre["size"], pre["size"]), np.float32)
+            rows = enc.encode(x)[0]
+            self.projectors[m].forward(np.ascontiguousarray(rows))
+        self.llm.sync(self.llm.tokenize(self.bundle.template["system"], True), fill=None)
+
+    def encode_images(self, sources) -> tuple[list[MediaRef], dict]:
+        """Decode, hash, and (unless cached) preprocess + encode; returns refs and timings."""
+        if "image" not in self.encoders:
+            raise UnsupportedModality(f"this {self.bundle.family} bundle takes no images")
+        t0 = time.perf_counter()
+        decoded = [decode_image(s) for s in sources]
+        refs = [MediaRef("image", "image:" + content_hash(a)) for a in decoded]
+        todo = [(r, a) for r, a in zip(refs, decoded) if r.key not in self._media]
+        self.stats.media_cache_hits += len(refs) - len(todo)
+        pre = self.bundle.modalities["image"]["preprocess"]
+        batch = [preprocess_image(a, pre) for _, a in todo]
+        t1 = time.perf_counter()
+        if todo:
+            out = self.encoders["image"].encode(np.stack(batch))       # [n, 3, S, S] -> [n, Q, D]
+            self.stats.encoder_runs += len(todo)
+            for (ref, _), rows in zip(todo, out):
+                self._remember(ref.key, "image", np.ascontiguousarray(rows))
+        for r in refs:
+            self._media.move_to_end(r.key)
+        t2 = time.perf_counter()
+        return refs, {"preprocess_ms": (t1 - t0) * 1e3, "encode_ms": (t2 - t1) * 1e3}
+
+    def _remember(self, key: str, modality: str, rows: np.ndarray) -> None:
+        self._media[key] = (modality, rows)
+        while len(self._media) > MEDIA_CACHE_ITEMS:
+            self._media.popitem(last=False)
+
+    def media_rows(self, key: str):
+        return self._media.get(key)
+
+    def close(self) -> None:
+        if self.active is not None:
+            self.active.close()
+        for p in self.projectors.values():
+            p.close()
+        self.llm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

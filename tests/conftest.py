@@ -1,0 +1,65 @@
+"""Shared fixtures: one tiny MiniGPT-4-shaped checkpoint per test run, bundles exported
+from it on demand (one per quantization), and sample photos shipped with scikit-image."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _has_gpu() -> bool:
+    try:
+        from scops.kernels import cuda_available
+        return bool(cuda_available())
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="no NVIDIA GPU on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    from scops.export.fixtures import build_minigpt4_tiny
+    return build_minigpt4_tiny(tmp_path_factory.mktemp("ckpt") / "minigpt4-tiny")
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny_ckpt, tmp_path_factory):
+    """bundle("F32") -> path of the tiny checkpoint exported at that quantization (cached)."""
+    from scops.export.minigpt4 import export_minigpt4
+    root = tmp_path_factory.mktemp("bundles")
+    made = {}
+
+    def get(quant: str = "Q4_K_M"):
+        if quant not in made:
+            made[quant] = export_minigpt4(str(tiny_ckpt), root / f"tiny-{quant}", quant, log=lambda s: None)
+        return made[quant]
+    return get
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photos (RGB uint8) shipped with scikit-image."""
+    from skimage import data
+    return {"cat": data.chelsea(), "astronaut": data.astronaut(), "coffee": data.coffee()}
+
+
+@pytest.fixture(scope="session")
+def exact_session(bundle):
+    """A session on the F32 GGUF with an f32 KV cache: the parity configuration."""
+    from scops.runtime.session import Session
+    s = Session.open(bundle("F32"), kv_type="f32", flash_attn="off", n_ctx=1024)
+    yield s
+    s.close()
+
+
+def write_png(path, rgb: np.ndarray):
+    from PIL import Image
+    Image.fromarray(rgb).save(path)
+    return path
