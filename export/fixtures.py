@@ -58,9 +58,18 @@ def _randomize(model, seed: int) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
             else:
                 fan_in = p[0].numel() if p.ndim == 4 else p.shape[-1]   # conv: C*kh*kw
-                # LLM weights hotter than 1/sqrt(fan_in) so logits spread out
-                gain = 2.0 if name.startswith("language_model") else 1.0
-                p.copy_(gain * torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+                p.copy_(_gain(name) * torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+
+
+def _gain(name: str) -> float:
+    """Scale over 1/sqrt(fan_in). The LLM's embeddings and head are hot (x3: logits spread
+    out, greedy picks are decisive) and its blocks cool (x0.5): the residual stream is not
+    dominated by random layers, so, as with a trained model, 4-bit weights mostly keep
+    the top-1 token (measured: Q4_K_M agrees with F32 on 71-92% of positions, vs 25-33%
+    with every LLM weight at x2)."""
+    if not name.startswith("language_model"):
+        return 1.0
+    return 3.0 if ("embed_tokens" in name or "lm_head" in name) else 0.5
 
 
 def build_minigpt4_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:

@@ -34,7 +34,7 @@ class GenOptions:
         s = Sampling(**{k: v for k, v in kw.items() if k in names and v is not None})
         checks = [(s.temperature >= 0, "temperature must be >= 0"), (s.top_k >= 0, "top_k must be >= 0"),
                   (0 < s.top_p <= 1, "top_p must be in (0, 1]"), (s.repeat_penalty > 0, "repeat_penalty must be > 0")]
-        max_tokens = kw.get("max_tokens") or DEFAULT_MAX_TOKENS
+        max_tokens = DEFAULT_MAX_TOKENS if kw.get("max_tokens") is None else kw["max_tokens"]
         checks.append((isinstance(max_tokens, int) and max_tokens > 0, "max_tokens must be a positive integer"))
         for ok, msg in checks:
             if not ok:
@@ -54,6 +54,19 @@ class Conversation:
     def reset(self) -> None:
         self.messages, self._media = [], {}
 
+    def add(self, role: str, text: str, images=()) -> None:
+        """Put an earlier turn into the history without generating (e.g. a replayed chat)."""
+        if role not in ("user", "assistant"):
+            raise OptionError(f"role must be 'user' or 'assistant', not {role!r}")
+        refs = self._encode(images)[0] if images else []
+        self.messages.append(Message(role, text if role == "user" else clean_answer(text, []), refs))
+
+    def _encode(self, images) -> tuple[list, dict]:
+        refs, timings = self.session.encode_images(list(images))
+        for r in refs:
+            self._media[r.key] = self.session.media_rows(r.key)
+        return refs, timings
+
     def _cells(self, messages: list[Message]) -> list:
         tpl = self.session.bundle.template
         segments = render(tpl, messages, self.system)
@@ -68,9 +81,7 @@ class Conversation:
         timings = {"preprocess_ms": 0.0, "encode_ms": 0.0}
         refs = []
         if images:
-            refs, timings = self.session.encode_images(list(images))
-            for r in refs:
-                self._media[r.key] = self.session.media_rows(r.key)
+            refs, timings = self._encode(images)
         user = Message("user", text, refs)
         cells = self._cells(self.messages + [user])
         if len(cells) >= self.session.llm.n_ctx:
@@ -137,7 +148,7 @@ class Reply:
             if sampler is not None:
                 llm.free_sampler(sampler)
             if added:
-                self.conv.messages.append(_assistant(self.text))
+                self.conv.messages.append(Message("assistant", clean_answer(self.text, [])))
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"
             if session.active is self:
@@ -186,10 +197,6 @@ class Reply:
         self.timings["n_tokens"] = n
         if t_first is not None and n > 1 and t_last > t_first:
             self.timings["decode_tok_s"] = (n - 1) / (t_last - t_first)
-
-
-def _assistant(text: str) -> Message:
-    return Message("assistant", clean_answer(text, []))
 
 
 def _fill_from(session, media: dict):

@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=None, help="where the demo bundle lives")
     p.set_defaults(fn=cmd_demo)
 
+    _add_optional_commands(sub)
+
     p = sub.add_parser("export", help="checkpoint -> bundle")
     p.add_argument("--from", dest="src", required=True, help="local HF folder or hub id")
     p.add_argument("--family", required=True, choices=["minigpt4"])
@@ -174,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16", "F32"])
     p.set_defaults(fn=cmd_export)
     return ap
+
+
+def _add_optional_commands(sub) -> None:
+    """`scops serve` and `scops bench` declare their own arguments where they live."""
+    from scops.bench.cli import add_bench_parser
+    from .server import add_serve_parser
+    add_serve_parser(sub)
+    add_bench_parser(sub)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,322 @@
+"""Fused projector kernels (kernels/) against the float64 numpy reference.
+
+Run: pytest -q tests/test_kernels.py   (CUDA cases carry @pytest.mark.gpu, skipped without a GPU)
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+
+import numpy as np
+import pytest
+
+from scops.kernels import KernelError, Projector, ProjectorSpec, load_library, native_info
+from scops.kernels import reference as R
+
+CPU_LIB, _ = load_library(cuda=False)
+CUDA_LIB, _ = load_library(cuda=True)
+HAVE_AVX2 = CPU_LIB is not None and CPU_LIB.scops_cpu_features() == b"avx2+fma+f16c"
+HAVE_GPU = CUDA_LIB is not None and CUDA_LIB.scops_cuda_available() > 0
+CPU_BACKENDS = ["cpu-scalar"] + (["cpu-avx2"] if HAVE_AVX2 else [])
+FP32_TOL = 1e-5
+
+needs_native = pytest.mark.skipif(CPU_LIB is None, reason="libscops_kernels.so not built")
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA device (scops_cuda_available() == 0)")
+
+
+def make_weights(spec: ProjectorSpec, dtype, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    n1 = spec.hidden_dim or spec.out_dim
+    w = {"fc1.weight": (rng.standard_normal((n1, spec.in_dim), dtype=np.float32) / np.sqrt(spec.in_dim)).astype(dtype)}
+    if spec.bias:
+        w["fc1.bias"] = rng.standard_normal(n1, dtype=np.float32) * 0.5
+    if spec.hidden_dim:
+        w["fc2.weight"] = (rng.standard_normal((spec.out_dim, n1), dtype=np.float32) / np.sqrt(n1)).astype(dtype)
+        if spec.bias:
+            w["fc2.bias"] = rng.standard_normal(spec.out_dim, dtype=np.float32) * 0.5
+    if spec.layernorm:
+        w["ln.weight"] = 1.0 + 0.1 * rng.standard_normal(spec.in_dim, dtype=np.float32)
+        w["ln.bias"] = 0.1 * rng.standard_normal(spec.in_dim, dtype=np.float32)
+    return w
+
+
+def make_x(rows, in_dim, seed=1):
+    return np.random.default_rng(seed).standard_normal((rows, in_dim), dtype=np.float32) * 2.0 + 0.5
+
+
+def rel_err(y, ref):
+    return float(np.linalg.norm(y.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
+def run_poisoned(proj, x, out_dim):
+    out = np.full((x.shape[0], out_dim), np.nan, dtype=np.float32)
+    y = proj.forward(x, out=out)
+    assert y is out
+    assert np.isfinite(out).all(), "some output element was not written"
+    return out
+
+
+def check(spec, backend, rows, dtype, threads=0):
+    w = make_weights(spec, dtype)
+    x = make_x(rows, spec.in_dim)
+    ref = R.project_reference(spec, w, x)
+    with Projector.create(spec, w, backend=backend, threads=threads) as proj:
+        y = run_poisoned(proj, x, spec.out_dim)
+    err = rel_err(y, ref)
+    if dtype == np.float32:
+        assert err <= FP32_TOL, f"{spec} rows={rows}: rel err {err:.2e}"
+    else:  # fp16 weights: no worse than 2x numpy's own fp32 compute with the same weights
+        np_err = rel_err(R.project_numpy_fp32(spec, R.prepare_fp32(spec, w), x), ref)
+        assert err <= 2 * np_err, f"{spec} rows={rows}: {err:.2e} vs numpy {np_err:.2e}"
+    return y
+
+
+# -- every combination of the optional steps, small awkward sizes ----------------------------
+CHAINS = [
+    dict(layernorm=ln, bias=b, l2norm=l2, hidden_dim=h, gelu=g, scale=2.5 if l2 else 1.0)
+    for ln, b, l2 in itertools.product([False, True], repeat=3)
+    for h, g in [(0, "none"), (19, "none"), (19, "erf"), (19, "tanh")]
+]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("chain", CHAINS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_chain_combinations(chain, dtype):
+    spec = ProjectorSpec(in_dim=37, out_dim=45, **chain)
+    for backend in CPU_BACKENDS:
+        for rows in (1, 2, 3, 7):
+            check(spec, backend, rows, dtype)
+
+
+def test_chain_combinations_numpy_backend():
+    for chain in CHAINS:
+        spec = ProjectorSpec(in_dim=37, out_dim=45, **chain)
+        check(spec, "numpy", 5, np.float32)
+
+
+# -- real-sized shapes; every listed rows / in / out value appears ----------------------------
+SHAPES = [  # rows, in, out, hidden
+    (1, 1024, 5120, 0),
+    (7, 767, 4095, 0),
+    (32, 768, 4096, 0),
+    (33, 1025, 4095, 0),
+    (257, 767, 1024, 0),
+    (576, 1024, 4096, 0),
+]
+
+
+@needs_native
+@pytest.mark.skipif(not HAVE_AVX2, reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("rows,in_dim,out_dim,hidden", SHAPES, ids=lambda v: str(v))
+def test_real_shapes_avx2(rows, in_dim, out_dim, hidden, dtype):
+    check(ProjectorSpec(in_dim=in_dim, out_dim=out_dim, hidden_dim=hidden), "cpu-avx2", rows, dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_two_linear_gelu_lego_like(dtype):
+    # LEGO's chain at reduced hidden width: Linear 1024->512 -> GELU(erf) -> Linear 512->4096.
+    spec = ProjectorSpec(in_dim=1024, hidden_dim=512, out_dim=4096, gelu="erf")
+    check(spec, CPU_BACKENDS[-1], 33, dtype)
+
+
+@needs_native
+def test_imagebind_head():
+    spec = ProjectorSpec(in_dim=768, out_dim=1024, layernorm=True, bias=False, l2norm=True, scale=20.0)
+    for backend in CPU_BACKENDS:
+        y = check(spec, backend, 1, np.float32)
+        assert abs(np.linalg.norm(y) - 20.0) < 1e-4
+
+
+@needs_native
+def test_scalar_path_medium():
+    check(ProjectorSpec(in_dim=1025, out_dim=300, hidden_dim=70, gelu="tanh", layernorm=True), "cpu-scalar", 9, np.float16)
+
+
+# -- determinism across thread counts ------------------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_bit_identical_across_threads(backend, rows):
+    spec = ProjectorSpec(in_dim=300 if backend == "cpu-scalar" else 767, hidden_dim=200, out_dim=333, gelu="erf",
+                         layernorm=True, l2norm=True, scale=3.0)
+    for dtype in (np.float32, np.float16):
+        w = make_weights(spec, dtype)
+        x = make_x(rows, spec.in_dim)
+        outs = []
+        for t in (1, 2, 3):
+            with Projector.create(spec, w, backend=backend, threads=t) as proj:
+                outs.append(run_poisoned(proj, x, spec.out_dim))
+        assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
+        assert np.array_equal(outs[0].view(np.uint32), outs[2].view(np.uint32))
+
+
+@needs_native
+@pytest.mark.skipif(not HAVE_AVX2, reason="no AVX2 on this CPU")
+def test_large_rows_threads_identical():
+    spec = ProjectorSpec(in_dim=1024, out_dim=4096)
+    w = make_weights(spec, np.float16)
+    x = make_x(257, 1024)
+    outs = []
+    for t in (1, 2, 3):
+        with Projector.create(spec, w, backend="cpu-avx2", threads=t) as proj:
+            outs.append(proj.forward(x))
+    assert outs[0].tobytes() == outs[1].tobytes() == outs[2].tobytes()
+
+
+# -- output buffers ------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["numpy"] + (CPU_BACKENDS if CPU_LIB else []))
+def test_foreign_and_strided_out(backend):
+    spec = ProjectorSpec(in_dim=40, out_dim=24)
+    w = make_weights(spec, np.float32)
+    x = make_x(5, 40)
+    ref = R.project_reference(spec, w, x)
+    proj = Projector.create(spec, w, backend=backend)
+    # a row slice of a larger foreign (ctypes) buffer, like llama.cpp batch memory
+    raw = (ctypes.c_float * (9 * 24))()
+    big = np.ctypeslib.as_array(raw).reshape(9, 24)
+    big[:] = -7.0
+    view = big[2:7]
+    proj.forward(x, out=view)
+    assert rel_err(view, ref) < FP32_TOL
+    assert (big[:2] == -7.0).all() and (big[7:] == -7.0).all()
+    # a strided (non-contiguous) view
+    wide = np.full((5, 48), -7.0, dtype=np.float32)
+    proj.forward(x, out=wide[:, ::2])
+    assert rel_err(wide[:, ::2], ref) < FP32_TOL and (wide[:, 1::2] == -7.0).all()
+    # a non-contiguous x
+    xs = np.repeat(x, 2, axis=1)[:, ::2]
+    assert rel_err(proj.forward(xs), ref) < FP32_TOL
+    assert proj.forward(np.zeros((0, 40), np.float32)).shape == (0, 24)
+    proj.close()
+
+
+# -- bad arguments -------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["numpy"] + (CPU_BACKENDS if CPU_LIB else []))
+def test_bad_arguments_raise(backend):
+    spec = ProjectorSpec(in_dim=16, out_dim=8)
+    w = make_weights(spec, np.float32)
+    proj = Projector.create(spec, w, backend=backend)
+    x = make_x(3, 16)
+    bad_calls = [
+        lambda: proj.forward(x.astype(np.float64)),
+        lambda: proj.forward(x[:, :15]),
+        lambda: proj.forward(x[0]),
+        lambda: proj.forward([[1.0] * 16]),
+        lambda: proj.forward(x, out=np.empty((3, 7), np.float32)),
+        lambda: proj.forward(x, out=np.empty((3, 8), np.float64)),
+        lambda: proj.forward(x, out=np.empty((2, 8), np.float32)),
+    ]
+    ro = np.empty((3, 8), np.float32)
+    ro.flags.writeable = False
+    bad_calls.append(lambda: proj.forward(x, out=ro))
+    for call in bad_calls:
+        with pytest.raises(KernelError):
+            call()
+    proj.close()
+    with pytest.raises(KernelError):
+        proj.forward(x)
+
+
+@pytest.mark.parametrize("backend", ["numpy"] + (["cpu"] if CPU_LIB else []))
+def test_bad_create_raises(backend):
+    spec = ProjectorSpec(in_dim=16, out_dim=8)
+    w = make_weights(spec, np.float32)
+    bad = [
+        (spec, {k: v for k, v in w.items() if k != "fc1.weight"}),
+        (spec, {**w, "fc1.weight": w["fc1.weight"][:, :15]}),
+        (spec, {**w, "fc1.weight": w["fc1.weight"].astype(np.int32)}),
+        (spec, {**w, "fc1.bias": w["fc1.bias"][:4]}),
+        (ProjectorSpec(in_dim=0, out_dim=8), w),
+        (ProjectorSpec(in_dim=16, out_dim=-1), w),
+        (ProjectorSpec(in_dim=16, out_dim=8, gelu="erf"), w),
+        (ProjectorSpec(in_dim=16, out_dim=8, gelu="relu", hidden_dim=4), w),
+        (ProjectorSpec(in_dim=16, out_dim=8, l2norm=True, scale=float("nan")), w),
+        (ProjectorSpec(in_dim=16, out_dim=8, layernorm=True), w),  # ln weights missing
+        (ProjectorSpec(in_dim=16, out_dim=8, layernorm=True, ln_eps=0.0), w),
+    ]
+    for s, ww in bad:
+        with pytest.raises(KernelError):
+            Projector.create(s, ww, backend=backend)
+    for kwargs in (dict(backend="tpu"), dict(threads=-1)):
+        with pytest.raises(KernelError):
+            Projector.create(spec, w, **kwargs)
+    if not HAVE_GPU and CUDA_LIB is not None:
+        with pytest.raises(KernelError):
+            Projector.create(spec, w, backend="cuda")
+
+
+@needs_native
+def test_c_api_rejects_bad_pointers_and_dims():
+    from scops.kernels import _Params
+
+    lib = CPU_LIB
+    w = np.ones((8, 16), np.float32)
+    p = _Params()
+    assert lib.scops_projector_params_init(ctypes.byref(p)) == 0
+    assert lib.scops_projector_params_init(None) != 0
+    h = ctypes.c_void_p()
+    assert lib.scops_projector_create(None, ctypes.byref(h)) != 0
+    assert lib.scops_projector_create(ctypes.byref(p), None) != 0
+    assert lib.scops_projector_create(ctypes.byref(p), ctypes.byref(h)) != 0  # zero dims, no weights
+    p.in_dim, p.out_dim = 16, 8
+    assert lib.scops_projector_create(ctypes.byref(p), ctypes.byref(h)) != 0  # fc1_weight NULL
+    p.fc1_weight = w.ctypes.data
+    for field, value in [("in_dim", -3), ("out_dim", 0), ("hidden_dim", -1), ("n_threads", -2), ("gelu", 7),
+                         ("weight_dtype", 9), ("backend", 11), ("abi_version", 99), ("max_rows", -1)]:
+        old = getattr(p, field)
+        setattr(p, field, value)
+        assert lib.scops_projector_create(ctypes.byref(p), ctypes.byref(h)) != 0, field
+        assert not h.value
+        setattr(p, field, old)
+    p.l2norm, p.scale = 1, float("inf")
+    assert lib.scops_projector_create(ctypes.byref(p), ctypes.byref(h)) != 0
+    p.l2norm, p.scale = 0, 1.0
+    assert lib.scops_projector_create(ctypes.byref(p), ctypes.byref(h)) == 0 and h.value
+    x = np.ones((2, 16), np.float32)
+    y = np.empty((2, 8), np.float32)
+    fwd = lib.scops_projector_forward
+    assert fwd(None, x.ctypes.data, 2, y.ctypes.data, 16) != 0
+    assert fwd(h, None, 2, y.ctypes.data, 16) != 0
+    assert fwd(h, x.ctypes.data, 2, None, 16) != 0
+    assert fwd(h, x.ctypes.data, 0, y.ctypes.data, 16) != 0
+    assert fwd(h, x.ctypes.data, -1, y.ctypes.data, 16) != 0
+    assert fwd(h, x.ctypes.data, 2, y.ctypes.data, 15) != 0  # capacity too small
+    assert lib.scops_projector_forward_device(h, x.ctypes.data, 2, y.ctypes.data, 16) != 0  # CPU handle
+    assert fwd(h, x.ctypes.data, 2, y.ctypes.data, 16) == 0
+    assert np.allclose(y, 16.0)
+    assert lib.scops_projector_backend_name(None) == b"invalid"
+    assert lib.scops_status_string(12345) == b"unknown status"
+    lib.scops_projector_destroy(h)
+    lib.scops_projector_destroy(None)
+
+
+def test_native_info_and_logging(caplog):
+    info = native_info()
+    assert set(info) == {"cpu_lib", "cpu_features", "cuda_lib", "cuda_devices"}
+    if CUDA_LIB is not None:
+        assert CUDA_LIB.scops_cuda_available() >= 0  # loads and answers without a GPU
+
+
+# -- CUDA ------------------------------------------------------------------------------------------
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("rows,in_dim,out_dim,hidden", SHAPES + [(33, 1024, 4096, 512), (576, 1024, 4095, 300)],
+                         ids=lambda v: str(v))
+def test_cuda_shapes(rows, in_dim, out_dim, hidden, dtype):
+    spec = ProjectorSpec(in_dim=in_dim, out_dim=out_dim, hidden_dim=hidden, gelu="erf" if hidden else "none")
+    check(spec, "cuda", rows, dtype)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("chain", CHAINS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_cuda_chain_combinations(chain):
+    spec = ProjectorSpec(in_dim=37, out_dim=45, **chain)
+    for rows in (1, 7, 65):
+        for dtype in (np.float32, np.float16):
+            check(spec, "cuda", rows, dtype)
