@@ -5,7 +5,7 @@ import sys
 
 from scops.runtime.errors import ScopsError
 
-FAMILIES = ("minigpt4",)
+FAMILIES = ("minigpt4", "instructblip")
 
 
 class ExportError(ScopsError):
@@ -17,12 +17,15 @@ def _log(msg: str) -> None:
 
 
 def run_export(args) -> int:
+    from .instructblip import export_instructblip
     from .minigpt4 import export_minigpt4
 
-    if args.family not in FAMILIES:
+    exporters = {"minigpt4": export_minigpt4, "instructblip": export_instructblip}
+    if args.family not in exporters:
         raise ExportError(f"unknown family {args.family!r} (have: {', '.join(FAMILIES)})")
     try:
-        export_minigpt4(args.src, args.out, args.quant, log=_log)
+        exporters[args.family](args.src, args.out, args.quant, log=_log,
+                               encoder_precision=getattr(args, "encoder_precision", "fp32"))
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         raise ExportError(f"export failed: {e}") from None
     return 0

@@ -4,7 +4,8 @@
 
 writes an HF folder of `Blip2ForConditionalGeneration` with a LLaMA text model (the
 shape MiniGPT-4 has: EVA-style ViT + ln_vision + Q-Former + Linear + LLaMA), with a
-LLaMA-style sentencepiece tokenizer trained on the spot. Every width is shrunk; the
+LLaMA-style sentencepiece tokenizer trained on the spot; `instructblip-tiny` writes
+`InstructBlipForConditionalGeneration` plus the Q-Former's BERT WordPiece tokenizer. Every width is shrunk; the
 structure (224x224 input, patch 14 -> 257 tokens, 32 queries, cross-attention every
 2nd Q-Former layer, bias on the projection) is the real one.
 """
@@ -72,10 +73,57 @@ def _gain(name: str) -> float:
     return 3.0 if ("embed_tokens" in name or "lm_head" in name) else 0.5
 
 
-def build_minigpt4_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
-    """Write the tiny HF checkpoint into `out` (created atomically) and return it."""
+def _configs(shape: TinyShape, n_vocab: int, qformer_vocab: int | None = None) -> dict:
+    qformer = dict(
+        hidden_size=shape.qformer_width, num_hidden_layers=shape.qformer_layers,
+        num_attention_heads=shape.qformer_heads, intermediate_size=shape.qformer_ffn,
+        cross_attention_frequency=2, encoder_hidden_size=shape.vision_width,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    if qformer_vocab is not None:
+        qformer.update(vocab_size=qformer_vocab, max_position_embeddings=512)
+    return dict(
+        vision_config=dict(
+            hidden_size=shape.vision_width, intermediate_size=shape.vision_mlp,
+            num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+            image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True,
+        ),
+        qformer_config=qformer,
+        text_config=dict(
+            model_type="llama", hidden_size=shape.llm_width, num_hidden_layers=shape.llm_layers,
+            num_attention_heads=shape.llm_heads, num_key_value_heads=shape.llm_kv_heads,
+            intermediate_size=shape.llm_ffn, vocab_size=n_vocab,
+            max_position_embeddings=shape.llm_ctx, rms_norm_eps=1e-6, rope_theta=10000.0,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        ),
+        num_query_tokens=shape.queries,
+    )
+
+
+def train_wordpiece(out_dir: Path, vocab_size: int = 400) -> Path:
+    """A BERT-style (uncased WordPiece) tokenizer for the Q-Former's instruction input."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    from .spm import generate_corpus
+
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(list(generate_corpus()), vocab_size=vocab_size, min_frequency=1,
+                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    from tokenizers.processors import BertProcessing
+    tok.post_processor = BertProcessing(("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]")))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    BertTokenizerFast(tokenizer_file=str(out_dir / "tokenizer.json"), truncation_side="left").save_pretrained(out_dir)
+    return out_dir / "tokenizer.json"
+
+
+def _build(out: Path, family: str, shape: TinyShape) -> Path:
+    """Write the tiny HF checkpoint of `family` into `out` (atomically) and return it."""
+    import sentencepiece as spm
     import torch
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration)
 
     from .spm import train_tokenizer
 
@@ -84,35 +132,19 @@ def build_minigpt4_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         train_tokenizer(tmp, vocab_size=shape.vocab)
-        import sentencepiece as spm
         n_vocab = spm.SentencePieceProcessor(model_file=str(tmp / "tokenizer.model")).get_piece_size()
-        config = Blip2Config(
-            vision_config=dict(
-                hidden_size=shape.vision_width, intermediate_size=shape.vision_mlp,
-                num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
-                image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True,
-            ),
-            qformer_config=dict(
-                hidden_size=shape.qformer_width, num_hidden_layers=shape.qformer_layers,
-                num_attention_heads=shape.qformer_heads, intermediate_size=shape.qformer_ffn,
-                cross_attention_frequency=2, encoder_hidden_size=shape.vision_width,
-                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-            ),
-            text_config=dict(
-                model_type="llama", hidden_size=shape.llm_width, num_hidden_layers=shape.llm_layers,
-                num_attention_heads=shape.llm_heads, num_key_value_heads=shape.llm_kv_heads,
-                intermediate_size=shape.llm_ffn, vocab_size=n_vocab,
-                max_position_embeddings=shape.llm_ctx, rms_norm_eps=1e-6, rope_theta=10000.0,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-            ),
-            num_query_tokens=shape.queries,
-        )
+        if family == "instructblip":
+            wp = train_wordpiece(tmp / "qformer_tokenizer")
+            from tokenizers import Tokenizer
+            config = InstructBlipConfig(**_configs(shape, n_vocab, Tokenizer.from_file(str(wp)).get_vocab_size()))
+            model_cls = InstructBlipForConditionalGeneration
+        else:
+            config, model_cls = Blip2Config(**_configs(shape, n_vocab)), Blip2ForConditionalGeneration
         torch.manual_seed(shape.seed)
-        model = Blip2ForConditionalGeneration(config).eval()
+        model = model_cls(config).eval()
         _randomize(model, shape.seed)
         model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "scops_fixture.json").write_text(json.dumps(
-            {"family": "minigpt4", "shape": shape.__dict__}, indent=1))
+        (tmp / "scops_fixture.json").write_text(json.dumps({"family": family, "shape": shape.__dict__}, indent=1))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -122,7 +154,15 @@ def build_minigpt4_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
     return out
 
 
-BUILDERS = {"minigpt4-tiny": build_minigpt4_tiny}
+def build_minigpt4_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
+    return _build(out, "minigpt4", shape)
+
+
+def build_instructblip_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
+    return _build(out, "instructblip", shape)
+
+
+BUILDERS = {"minigpt4-tiny": build_minigpt4_tiny, "instructblip-tiny": build_instructblip_tiny}
 
 
 def main(argv=None) -> int:

@@ -58,11 +58,11 @@ class Conversation:
         """Put an earlier turn into the history without generating (e.g. a replayed chat)."""
         if role not in ("user", "assistant"):
             raise OptionError(f"role must be 'user' or 'assistant', not {role!r}")
-        refs = self._encode(images)[0] if images else []
+        refs = self._encode(images, text)[0] if images else []
         self.messages.append(Message(role, text if role == "user" else clean_answer(text, []), refs))
 
-    def _encode(self, images) -> tuple[list, dict]:
-        refs, timings = self.session.encode_images(list(images))
+    def _encode(self, images, instruction: str) -> tuple[list, dict]:
+        refs, timings = self.session.encode_images(list(images), instruction)
         for r in refs:
             self._media[r.key] = self.session.media_rows(r.key)
         return refs, timings
@@ -81,7 +81,7 @@ class Conversation:
         timings = {"preprocess_ms": 0.0, "encode_ms": 0.0}
         refs = []
         if images:
-            refs, timings = self._encode(images)
+            refs, timings = self._encode(images, text)
         user = Message("user", text, refs)
         cells = self._cells(self.messages + [user])
         if len(cells) >= self.session.llm.n_ctx:

@@ -68,6 +68,13 @@ class Sampling:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class LlmState:
+    """A copy of sequence 0's KV (llama.cpp's own serialisation) and the cells it holds."""
+    cells: tuple
+    data: bytes
+
+
 class Llm:
     def __init__(self, path: str, opts: LlmOptions = LlmOptions()):
         import llama_cpp as L
@@ -195,6 +202,27 @@ class Llm:
             else:
                 self.decode_tokens(run, last)
         return common, len(cells) - common
+
+    # ---- state snapshots --------------------------------------------------------
+    def save_state(self) -> LlmState:
+        """Copy sequence 0's KV out of llama.cpp (bytes, size grows with len(cells))."""
+        L = self.L
+        size = L.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = L.llama_state_seq_get_data(self.ctx, buf, size, 0)
+        if written == 0 and self.cells:
+            raise RuntimeError("llama_state_seq_get_data wrote nothing")
+        return LlmState(tuple(self.cells), ctypes.string_at(buf, written))
+
+    def load_state(self, state: LlmState) -> None:
+        """Replace sequence 0's KV with a saved one; `self.cells` follows it."""
+        L = self.L
+        self.truncate(0)
+        if state.data:
+            buf = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
+            if L.llama_state_seq_set_data(self.ctx, buf, len(state.data), 0) == 0:
+                raise RuntimeError("llama_state_seq_set_data refused the saved state")
+        self.cells = list(state.cells)
 
     # ---- sampling ---------------------------------------------------------------
     def make_sampler(self, s: Sampling, history: Sequence[int] = ()):

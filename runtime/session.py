@@ -22,6 +22,7 @@ import numpy as np
 from .bundle import Bundle, open_bundle
 from .encode import ModalityEncoder, pick_providers
 from .errors import BundleError, UnsupportedModality
+from .instruction import InstructionTokenizer
 from .llm import Llm, LlmOptions
 from .preprocess import content_hash, decode_image, preprocess_image
 from .project import load_projector, projector_stage
@@ -72,6 +73,9 @@ class Session:
             self.llm.close()
             raise BundleError(msg)
         self._media: OrderedDict = OrderedDict()     # key -> (modality, bridge rows [Q, D])
+        self._base: OrderedDict = OrderedDict()      # picture key -> instruction-free stage outputs
+        instr = bundle.modalities.get("image", {}).get("instruction")
+        self.instruction_tok = InstructionTokenizer(bundle, instr) if instr else None
         self.active = None                           # the Reply generating now, if any
         names = [p if isinstance(p, str) else p[0] for p in self.providers]
         log.info("backends: onnxruntime %s; projector %s; llama.cpp %d threads, n_ctx %d",
@@ -94,30 +98,48 @@ class Session:
         """First-call costs (graph init, allocations) paid at open, not in the first turn."""
         for m, enc in self.encoders.items():
             pre = self.bundle.modalities[m]["preprocess"]
-            x = np.zeros((1, 3, pre["size"], pre["size"]), np.float32)
-            rows = enc.encode(x)[0]
+            base = enc.encode_base(np.zeros((1, 3, pre["size"], pre["size"]), np.float32))
+            instr = self.instruction_tok.encode("warm up") if enc.uses_instruction else None
+            rows = enc.encode_rows(base, instr)[0]
             self.projectors[m].forward(np.ascontiguousarray(rows))
         self.llm.sync(self.llm.tokenize(self.bundle.template["system"], True), fill=None)
 
-    def encode_images(self, sources) -> tuple[list[MediaRef], dict]:
-        """Decode, hash, and (unless cached) preprocess + encode; returns refs and timings."""
+    def encode_images(self, sources, instruction: str = "") -> tuple[list[MediaRef], dict]:
+        """Decode, hash, and (unless cached) preprocess + encode; returns refs and timings.
+
+        A text-conditioned Q-Former (InstructBLIP) also reads `instruction`: its rows are
+        keyed by picture and instruction, the instruction-free base (ViT output) by picture.
+        """
         if "image" not in self.encoders:
             raise UnsupportedModality(f"this {self.bundle.family} bundle takes no images")
+        enc = self.encoders["image"]
         t0 = time.perf_counter()
         decoded = [decode_image(s) for s in sources]
-        refs = [MediaRef("image", "image:" + content_hash(a)) for a in decoded]
-        todo = [(r, a) for r, a in zip(refs, decoded) if r.key not in self._media]
+        base_keys = ["image:" + content_hash(a) for a in decoded]
+        salt = "|q:" + content_hash(np.frombuffer(instruction.encode(), np.uint8)) if enc.uses_instruction else ""
+        refs = [MediaRef("image", k + salt) for k in base_keys]
+        todo = {r.key: (k, a) for r, k, a in zip(refs, base_keys, decoded) if r.key not in self._media}
         self.stats.media_cache_hits += len(refs) - len(todo)
+        need_base = {k: a for k, a in todo.values() if k not in self._base}
         pre = self.bundle.modalities["image"]["preprocess"]
-        batch = [preprocess_image(a, pre) for _, a in todo]
+        batch = [preprocess_image(a, pre) for a in need_base.values()]
         t1 = time.perf_counter()
+        if need_base:
+            ctx = enc.encode_base(np.stack(batch))                # [n, 3, S, S] -> {name: [n, ...]}
+            self.stats.encoder_runs += len(need_base)
+            for i, k in enumerate(need_base):
+                self._base[k] = {name: v[i:i + 1] for name, v in ctx.items()}
+                while len(self._base) > MEDIA_CACHE_ITEMS:
+                    self._base.popitem(last=False)
         if todo:
-            out = self.encoders["image"].encode(np.stack(batch))       # [n, 3, S, S] -> [n, Q, D]
-            self.stats.encoder_runs += len(todo)
-            for (ref, _), rows in zip(todo, out):
-                self._remember(ref.key, "image", np.ascontiguousarray(rows))
-        for r in refs:
+            instr = self.instruction_tok.encode(instruction) if enc.uses_instruction else None
+            for key, (k, _) in todo.items():
+                rows = enc.encode_rows(self._base[k], instr)[0]          # [1, Q, D] -> [Q, D]
+                self._remember(key, "image", np.ascontiguousarray(rows))
+        for r, k in zip(refs, base_keys):
             self._media.move_to_end(r.key)
+            if k in self._base:
+                self._base.move_to_end(k)
         t2 = time.perf_counter()
         return refs, {"preprocess_ms": (t1 - t0) * 1e3, "encode_ms": (t2 - t1) * 1e3}
 

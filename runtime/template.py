@@ -57,16 +57,17 @@ def render(template: dict, messages: list[Message], system: str | None = None) -
 
 
 def to_cells(segments: list, tokenize, rows_of, add_bos: bool) -> list:
-    """Text segments are tokenized one by one (BOS only before the first one, as
-    MiniGPT-4 does); a media slot becomes its rows: (key, 0) ... (key, n-1)."""
+    """Text segments are tokenized one by one, BOS only before the first text segment
+    (MiniGPT-4: the system text; InstructBLIP: after the image rows); a media slot
+    becomes its rows: (key, 0) ... (key, n-1)."""
     cells: list = []
-    first = True
+    first_text = True
     for seg in segments:
         if isinstance(seg, MediaRef):
             cells += [(seg.key, i) for i in range(rows_of(seg))]
         else:
-            cells += tokenize(seg, add_bos and first)
-        first = False
+            cells += tokenize(seg, add_bos and first_text)
+            first_text = False
     return cells
 
 

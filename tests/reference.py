@@ -72,3 +72,38 @@ class MiniGPT4Reference:
                           max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                           num_beams=1, pad_token_id=0, eos_token_id=None)
         return out[0].tolist()
+
+
+class InstructBlipReference:
+    """HF InstructBLIP: the Q-Former reads the instruction (BERT ids, truncated on the left to
+    128); the LLM sees [32 image rows][BOS][prompt]."""
+
+    def __init__(self, ckpt):
+        import sentencepiece as spm
+        from transformers import BertTokenizerFast, InstructBlipForConditionalGeneration
+
+        self.model = InstructBlipForConditionalGeneration.from_pretrained(
+            ckpt, torch_dtype=torch.float32, attn_implementation="eager").eval()
+        self.sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+        self.bert = BertTokenizerFast.from_pretrained(ckpt / "qformer_tokenizer", truncation_side="left")
+
+    def instruction(self, text: str) -> dict:
+        return self.bert(text, truncation=True, max_length=128, return_tensors="pt")
+
+    @torch.no_grad()
+    def image_rows(self, pixel_values: torch.Tensor, text: str) -> torch.Tensor:
+        q = self.instruction(text)
+        n = pixel_values.shape[0]
+        return self.model.get_image_features(pixel_values, q["input_ids"].expand(n, -1),
+                                             q["attention_mask"].expand(n, -1))
+
+    @torch.no_grad()
+    def generate(self, prompt: str, rgb: np.ndarray, max_new_tokens: int, instruction: str | None = None) -> list[int]:
+        lm = self.model.language_model
+        rows = self.image_rows(MiniGPT4Reference.pixels(rgb), instruction or prompt)
+        text = lm.get_input_embeddings()(torch.tensor([[1] + self.sp.encode(prompt)]))
+        inputs = torch.cat([rows, text], dim=1)                       # [1, 32 + 1 + T, D]
+        out = lm.generate(inputs_embeds=inputs, attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long),
+                          max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                          num_beams=1, pad_token_id=0, eos_token_id=None)
+        return out[0].tolist()

@@ -31,12 +31,13 @@ def test_onnx_stages_match_pytorch_at_other_batch(photos, exact_session, ref):
     """Real photos at batch 3 (the export traced batch 1): vision+Q-Former <= 1e-4."""
     enc = exact_session.encoders["image"]
     pixels = torch.cat([ref.pixels(rgb) for rgb in photos.values()])          # [3, 3, 224, 224]
-    vision_ort = enc.stages[0].run(pixels.numpy())
+    base = enc.encode_base(pixels.numpy())
+    vision_ort = base["image_embeds"]
     with torch.no_grad():
         vision_pt = ref.model.vision_model(pixel_values=pixels).last_hidden_state.numpy()
     assert vision_ort.shape == vision_pt.shape == (3, 257, 64)
     assert np.max(np.abs(vision_ort - vision_pt)) <= 1e-4
-    bridge_ort = enc.encode(pixels.numpy())
+    bridge_ort = enc.encode_rows(base)
     bridge_pt = ref.bridge(pixels).numpy()
     assert bridge_ort.shape == (3, 32, 64)
     assert np.max(np.abs(bridge_ort - bridge_pt)) <= 1e-4

@@ -1,0 +1,157 @@
+"""The export driver shared by families: ONNX stages -> projector -> GGUF -> manifest.
+
+A family supplies a `FamilyExport`: its ONNX stages (a PyTorch module builder and an
+`OnnxStageSpec` each), the checkpoint prefix of its projection, the LLM prefix, the chat
+template and the modality records of the manifest. The driver streams the LLM, runs
+every check, shows progress and commits the bundle atomically.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .bundle import BundleBuilder
+from .llm_gguf import list_safetensors, quantize_gguf, write_llama_gguf
+from .onnx_stages import OnnxStageSpec, export_and_validate
+
+QUANTS = ("Q4_K_M", "Q8_0", "F16", "F32")
+
+
+@dataclass(frozen=True)
+class FamilyExport:
+    family: str
+    stages: tuple                        # ((builder() -> torch module, OnnxStageSpec), ...)
+    projection_prefix: str               # e.g. "language_projection."
+    llm_prefix: str                      # e.g. "language_model."
+    text_config: dict                    # LLaMA config of the text model
+    template: dict
+    modalities: dict                     # manifest "modalities" (stage files must exist)
+    extra_files: tuple = ()              # ((name, writer(path)), ...) e.g. a Q-Former tokenizer
+    facts: dict = field(default_factory=dict)
+
+
+def resolve_source(src: str) -> Path:
+    """A local folder, or a hub id downloaded with huggingface_hub (when online)."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or src.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{src}: not a checkpoint folder")
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"]))
+
+
+def load_state(src: Path, prefix: str) -> dict:
+    """Tensors whose key starts with `prefix`, prefix stripped, as fp32 (only those are read)."""
+    import torch
+    from safetensors import safe_open
+
+    state = {}
+    with ExitStack() as stack:
+        for f in list_safetensors(src):
+            h = stack.enter_context(safe_open(str(f), framework="pt"))
+            for k in h.keys():
+                if k.startswith(prefix):
+                    state[k[len(prefix):]] = h.get_tensor(k).to(torch.float32)
+    if not state:
+        raise KeyError(f"{src}: no tensors under '{prefix}'")
+    return state
+
+
+def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
+                    log: Callable[[str], None] = print, encoder_precision: str = "fp32") -> Path:
+    from safetensors.numpy import save_file
+
+    if quant not in QUANTS:
+        raise ValueError(f"--quant must be one of {', '.join(QUANTS)}")
+    tok_model = src_dir / "tokenizer.model"
+    if not tok_model.exists():
+        raise FileNotFoundError(f"{src_dir}: tokenizer.model (sentencepiece) not found")
+    t_start = time.perf_counter()
+    quantized = quant not in ("F32", "F16")
+    n_steps = len(fam.stages) + 3 + quantized
+    step = iter(range(1, n_steps + 1))
+    validation = {}
+    with BundleBuilder(out) as b:
+        for build, spec in fam.stages:
+            log(f"[{next(step)}/{n_steps}] {spec.name}: export to ONNX (opset {spec.opset})")
+            validation[spec.file] = export_and_validate(build(), spec, b.dir, log)
+            b.add_file(spec.file, "onnx", **spec.describe())
+        for name, write in fam.extra_files:
+            write(b.dir / name)
+            b.add_file(name, "tokenizer")
+
+        log(f"[{next(step)}/{n_steps}] projector: {fam.projection_prefix.rstrip('.')} -> projector.safetensors")
+        proj = load_state(src_dir, fam.projection_prefix)
+        weights = {"fc1.weight": proj["weight"].numpy(), "fc1.bias": proj["bias"].numpy()}
+        save_file(weights, str(b.dir / "projector.safetensors"))
+        b.add_file("projector.safetensors", "safetensors",
+                   tensors={k: list(v.shape) for k, v in weights.items()})
+        n_embd = weights["fc1.weight"].shape[0]                      # [out, in]
+        precision = _convert_encoders(b, fam, encoder_precision, weights, log)
+
+        src_name = f"llm.{quant}.gguf" if not quantized else ".llm.src.gguf"
+        dtype = "f16" if quant == "F16" else "f32"
+        log(f"[{next(step)}/{n_steps}] LLM: GGUF ({dtype}) from {src_dir.name}")
+        facts = write_llama_gguf(src_dir, tok_model, b.dir / src_name, dtype=dtype, prefix=fam.llm_prefix,
+                                 config=fam.text_config, progress=_tensor_progress(log),
+                                 name=f"scops-{fam.family}")
+        llm_file = src_name
+        if quantized:
+            llm_file = f"llm.{quant}.gguf"
+            log(f"[{next(step)}/{n_steps}] LLM: quantize to {quant}")
+            quantize_gguf(b.dir / src_name, b.dir / llm_file, quant)
+            (b.dir / src_name).unlink()
+        b.add_file(llm_file, "gguf", quant=quant, n_embd=facts["n_embd"], n_vocab=facts["n_vocab"])
+        if n_embd != facts["n_embd"]:
+            raise ValueError(f"projection width {n_embd} != LLM width {facts['n_embd']}")
+
+        log(f"[{next(step)}/{n_steps}] manifest + atomic rename -> {out}")
+        path = b.commit({
+            "family": fam.family,
+            "source": str(src_dir),
+            "llm": {"file": llm_file, "quant": quant, "n_embd": facts["n_embd"], "n_vocab": facts["n_vocab"],
+                    "n_ctx_train": int(fam.text_config.get("max_position_embeddings", 2048))},
+            "template": fam.template,
+            "modalities": fam.modalities,
+            "validation": validation,
+            "encoder_precision": precision,
+            **fam.facts,
+        })
+    log(f"done in {time.perf_counter() - t_start:.1f}s: {path}")
+    return path
+
+
+def _convert_encoders(b: BundleBuilder, fam: FamilyExport, precision: str, projector: dict, log) -> dict:
+    """fp16 / int8 encoder stages replace the fp32 ones in the bundle, accuracy recorded."""
+    from .encoder_precision import convert_stages, remove_stage
+
+    files = [spec.file for _, spec in fam.stages]
+    if precision == "fp32":
+        return {"precision": "fp32"}
+    log(f"  encoders to {precision}")
+    (modality,) = fam.modalities                       # one encoder chain per bundle for now
+    result = convert_stages(b.dir, files, precision, projector, fam.modalities[modality]["preprocess"], log)
+    for st in fam.modalities[modality]["stages"]:
+        if st.get("file") in result["files"]:
+            old, new = st["file"], result["files"][st["file"]]
+            st["file"] = new
+            entry = b.files.pop(old)
+            b.files.pop(old + ".data", None)
+            remove_stage(b.dir / old)
+            b.add_file(new, "onnx", **{k: entry[k] for k in ("inputs", "outputs", "opset")})
+    return {k: v for k, v in result.items() if k != "files"}
+
+
+def _tensor_progress(log):
+    last = [0.0]
+
+    def progress(i, n, name):
+        now = time.perf_counter()
+        if i + 1 == n or now - last[0] > 2.0:
+            last[0] = now
+            log(f"  tensor {i + 1}/{n} {name}")
+    return progress

@@ -1,0 +1,123 @@
+"""InstructBLIP (Vicuna) exporter: HF `InstructBlipForConditionalGeneration` -> bundle.
+
+The Q-Former also reads the instruction (BERT WordPiece ids beside the 32 queries in
+self-attention); only the 32 query rows go on to the projection. So the image stage is
+split where the instruction enters:
+  vision.onnx    pixel_values [B,3,224,224] -> image_embeds [B,257,Dv]     (cached per image)
+  qformer.onnx   image_embeds, input_ids [B,T], attention_mask [B,T] -> query_output [B,32,Dq]
+The LLM sequence is [32 image rows][BOS][prompt], as HF/LAVIS lay it out.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from .assemble import FamilyExport, assemble_bundle, load_state, resolve_source
+from .minigpt4 import BLIP2_IMAGE, build_vision, projector_record, vision_spec
+from .onnx_stages import OnnxStageSpec, TensorSpec
+
+FAMILY = "instructblip"
+# LAVIS blip2_vicuna_instruct: Q-Former text max_txt_len 128, tokenizer truncation_side "left".
+INSTRUCTION_MAX_LEN = 128
+QFORMER_TOKENIZER = "qformer_tokenizer.json"
+# The original takes one instruction and answers it: [rows][BOS]{prompt}, stop at EOS.
+# Later turns (scops' extension; the original has none) append " {answer}\n{question}"; the
+# image rows stay conditioned on the question they came with, so earlier turns stay cached.
+INSTRUCTBLIP_TEMPLATE = {
+    "system": "",
+    "user": "{content}",
+    "assistant": "",
+    "answer": " {answer}\n",
+    "media": {"image": "<ImageHere>"},
+    "media_sep": "",
+    "placeholder": "<ImageHere>",
+    "bos": True,
+    "stop": [],
+}
+
+
+def build_qformer_with_text(config, src: Path):
+    """queries + instruction tokens in self-attention; -> the 32 query rows [B,32,Dq]."""
+    import torch
+    from transformers import InstructBlipQFormerModel
+
+    class QFormer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            config.qformer_config._attn_implementation = "eager"
+            self.qformer = InstructBlipQFormerModel(config.qformer_config)
+            self.query_tokens = torch.nn.Parameter(
+                torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+
+        def forward(self, image_embeds, input_ids, attention_mask):
+            n_q = self.query_tokens.shape[1]
+            query = self.query_tokens.expand(image_embeds.shape[0], -1, -1)   # [1,Q,D] -> [B,Q,D]
+            mask = torch.cat([torch.ones(query.shape[:-1], dtype=attention_mask.dtype), attention_mask], dim=1)
+            out = self.qformer(input_ids=input_ids, attention_mask=mask, query_embeds=query,
+                               encoder_hidden_states=image_embeds,
+                               encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long))
+            return out.last_hidden_state[:, :n_q, :]                            # [B,Q+T,D] -> [B,Q,D]
+
+    m = QFormer()
+    m.qformer.load_state_dict(load_state(src, "qformer."))
+    m.query_tokens.data.copy_(load_state(src, "query_tokens")[""])
+    return m.eval()
+
+
+def find_qformer_tokenizer(src: Path) -> Path:
+    """HF folders keep the BERT tokenizer of the Q-Former in qformer_tokenizer/."""
+    for cand in (src / "qformer_tokenizer" / "tokenizer.json", src / "qformer_tokenizer.json"):
+        if cand.exists():
+            return cand
+    raise FileNotFoundError(f"{src}: no qformer_tokenizer/tokenizer.json (BERT WordPiece of the Q-Former)")
+
+
+def export_instructblip(src: str, out: Path, quant: str = "Q4_K_M",
+                        log: Callable[[str], None] = print, encoder_precision: str = "fp32") -> Path:
+    if encoder_precision != "fp32":
+        raise ValueError("instructblip: --encoder-precision other than fp32 is not supported yet")
+    from transformers import InstructBlipConfig, InstructBlipVisionModel
+
+    src_dir = resolve_source(src)
+    config = InstructBlipConfig.from_pretrained(src_dir)
+    if config.model_type != "instructblip":
+        raise ValueError(f"{src}: a {config.model_type} checkpoint, not InstructBLIP")
+    if config.text_config.model_type != "llama":
+        raise ValueError(f"{src}: text model is {config.text_config.model_type}; scops serves LLaMA/Vicuna")
+    tok = find_qformer_tokenizer(src_dir)
+    text_cfg = config.text_config.to_dict()
+    vspec = vision_spec(config)
+    qspec = OnnxStageSpec(
+        name="qformer", file="qformer.onnx",
+        inputs=(TensorSpec("image_embeds", vspec.outputs[0].shape),
+                TensorSpec("input_ids", ("batch", "text"), "int64", high=config.qformer_config.vocab_size),
+                TensorSpec("attention_mask", ("batch", "text"), "int64", high=2)),
+        outputs=(TensorSpec("query_output", ("batch", config.num_query_tokens, config.qformer_config.hidden_size)),),
+        sizes={"text": 9})
+    special = json.loads(tok.read_text())["model"]["vocab"]
+    fam = FamilyExport(
+        family=FAMILY,
+        stages=((lambda: build_vision(InstructBlipVisionModel, config, src_dir), vspec),
+                (lambda: build_qformer_with_text(config, src_dir), qspec)),
+        projection_prefix="language_projection.", llm_prefix="language_model.", text_config=text_cfg,
+        template=INSTRUCTBLIP_TEMPLATE,
+        extra_files=((QFORMER_TOKENIZER, lambda path: shutil.copyfile(tok, path)),),
+        modalities={"image": {
+            "preprocess": BLIP2_IMAGE,
+            "rows": config.num_query_tokens,
+            "instruction": {"tokenizer": QFORMER_TOKENIZER, "max_len": INSTRUCTION_MAX_LEN, "truncation": "left",
+                            "cls_id": special["[CLS]"], "sep_id": special["[SEP]"]},
+            "stages": [
+                {"op": "onnx", "file": "vision.onnx", "inputs": {"pixel_values": "pixel_values"},
+                 "output": "image_embeds"},
+                {"op": "onnx", "file": "qformer.onnx",
+                 "inputs": {"image_embeds": "image_embeds", "input_ids": "instruction_ids",
+                            "attention_mask": "instruction_mask"},
+                 "output": "query_output"},
+                projector_record(config, text_cfg),
+            ],
+        }},
+    )
+    return assemble_bundle(fam, src_dir, out, quant, log)
