@@ -13,7 +13,8 @@ import time
 
 from .errors import OptionError, PromptTooLong
 from .llm import Sampling
-from .template import Message, clean_answer, render, to_cells
+from .modalities import SEND_ARGS
+from .template import MediaRef, Message, clean_answer, render, to_cells
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -54,40 +55,67 @@ class Conversation:
     def reset(self) -> None:
         self.messages, self._media = [], {}
 
-    def add(self, role: str, text: str, images=()) -> None:
+    def add(self, role: str, text: str, **media) -> None:
         """Put an earlier turn into the history without generating (e.g. a replayed chat)."""
         if role not in ("user", "assistant"):
             raise OptionError(f"role must be 'user' or 'assistant', not {role!r}")
-        refs = self._encode(images, text)[0] if images else []
+        refs = self._encode(media, text)[0]
         self.messages.append(Message(role, text if role == "user" else clean_answer(text, []), refs))
 
-    def _encode(self, images, instruction: str) -> tuple[list, dict]:
-        refs, timings = self.session.encode_images(list(images), instruction)
-        for r in refs:
-            self._media[r.key] = self.session.media_rows(r.key)
+    def _encode(self, media: dict, instruction: str) -> tuple[list, dict]:
+        """media: {"images": [...], "audios": [...], ...} -> refs (in SEND_ARGS order), timings."""
+        unknown = set(media) - set(SEND_ARGS)
+        if unknown:
+            raise OptionError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        refs, timings = [], {"preprocess_ms": 0.0, "encode_ms": 0.0}
+        for arg, modality in SEND_ARGS.items():
+            sources = media.get(arg) or ()
+            if isinstance(sources, (str, bytes)) or not hasattr(sources, "__iter__"):
+                sources = [sources]
+            sources = list(sources)
+            if not sources:
+                continue
+            got, t = self.session.encode_media(modality, sources, instruction)
+            for r in got:
+                self._media[r.key] = self.session.media_rows(r.key)
+            refs += got
+            timings = {k: timings[k] + t[k] for k in timings}
+            timings[f"encode_{modality}_ms"] = t["encode_ms"]
+        combine = self.session.bundle.manifest.get("combine")
+        if combine and len(refs) > 1:
+            # PandaGPT: the inputs of one turn become one row, the sum of their projections
+            key = "mix:" + "+".join(sorted(r.key for r in refs))
+            self._media[key] = ("mix", [self._media[r.key] for r in refs])
+            refs = [MediaRef("mix", key)]
         return refs, timings
 
     def _cells(self, messages: list[Message]) -> list:
         tpl = self.session.bundle.template
         segments = render(tpl, messages, self.system)
         llm = self.session.llm
-        return to_cells(segments, llm.tokenize, lambda ref: len(self._media[ref.key][1]), tpl.get("bos", True))
+        return to_cells(segments, llm.tokenize, lambda ref: _n_rows(self._media[ref.key]), tpl.get("bos", True))
 
-    def send(self, text: str, images=(), **options) -> "Reply":
+    def send(self, text: str, **options) -> "Reply":
+        """send(text, images=[...], audios=[...], videos=..., thermals=..., depths=..., imus=...,
+        temperature=..., top_k=..., top_p=..., repeat_penalty=..., seed=..., max_tokens=...,
+        stop=[...], ignore_stop=False)"""
+        media = {k: options.pop(k) for k in list(options) if k in SEND_ARGS}
         opts = GenOptions.from_kwargs(**options)
         if not isinstance(text, str):
             raise OptionError("text must be a string")
         t0 = time.perf_counter()
-        timings = {"preprocess_ms": 0.0, "encode_ms": 0.0}
-        refs = []
-        if images:
-            refs, timings = self._encode(images, text)
+        refs, timings = self._encode(media, text)
         user = Message("user", text, refs)
         cells = self._cells(self.messages + [user])
         if len(cells) >= self.session.llm.n_ctx:
             raise PromptTooLong(f"the conversation needs {len(cells)} positions but the context holds "
                                 f"{self.session.llm.n_ctx}; shorten the prompt or start a new chat")
         return Reply(self, user, cells, opts, timings, time.perf_counter() - t0)
+
+
+def _n_rows(entry) -> int:
+    modality, rows = entry
+    return len(rows[0][1]) if modality == "mix" else len(rows)
 
 
 class Reply:
@@ -200,9 +228,16 @@ class Reply:
 
 
 def _fill_from(session, media: dict):
+    """The splice callback: project a media item's rows straight into llama's batch memory."""
     projectors = session.projectors
 
     def fill(out, key, start):
         modality, rows = media[key]
-        projectors[modality].forward(rows[start:start + len(out)], out=out)
+        if modality != "mix":
+            projectors[modality].forward(rows[start:start + len(out)], out=out)
+            return
+        (m0, r0), *others = rows                                 # sum of the parts' projections
+        projectors[m0].forward(r0[start:start + len(out)], out=out)
+        for m, r in others:
+            out += projectors[m].forward(r[start:start + len(out)])
     return fill

@@ -28,6 +28,15 @@ def _sampling(args) -> dict:
             "top_k": args.top_k, "top_p": args.top_p, "repeat_penalty": args.repeat_penalty}
 
 
+# CLI flag -> send() argument
+MEDIA_FLAGS = {"image": "images", "audio": "audios", "video": "videos", "thermal": "thermals",
+               "depth": "depths", "imu": "imus"}
+
+
+def _media(args) -> dict:
+    return {arg: getattr(args, flag) for flag, arg in MEDIA_FLAGS.items() if getattr(args, flag, None)}
+
+
 def format_timings(t: dict) -> str:
     keys = ("preprocess_ms", "encode_ms", "prefill_ms", "ttft_ms")
     parts = [f"{k[:-3]} {t[k]:.1f} ms" for k in keys if k in t]
@@ -38,10 +47,11 @@ def format_timings(t: dict) -> str:
 
 def cmd_run(args) -> int:
     session = _session(args)
-    reply = session.chat().send(args.prompt, images=args.image or (), **_sampling(args))
+    reply = session.chat().send(args.prompt, **_media(args), **_sampling(args))
     if args.json:
         reply.result()
-        keys = ("preprocess_ms", "encode_ms", "prefill_ms", "ttft_ms", "decode_tok_s")
+        keys = ["preprocess_ms", "encode_ms", "prefill_ms", "ttft_ms", "decode_tok_s"]
+        keys += sorted(k for k in reply.timings if k.startswith("encode_") and k != "encode_ms")
         print(json.dumps({"text": reply.text, "token_ids": reply.token_ids, "finish_reason": reply.finish_reason,
                           "timings": {k: reply.timings.get(k) for k in keys}}))
     else:
@@ -56,8 +66,9 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     session = _session(args)
     conv = session.chat()
-    pending = list(args.image or [])
-    print("scops chat: /image PATH attaches a picture, /reset starts over, /quit leaves", file=sys.stderr)
+    pending = _media(args)
+    commands = " ".join(f"/{flag} PATH" for flag in MEDIA_FLAGS)
+    print(f"scops chat: {commands} attach inputs, /reset starts over, /quit leaves", file=sys.stderr)
     while True:
         try:
             line = input("> ").strip()
@@ -69,18 +80,18 @@ def cmd_chat(args) -> int:
             break
         if line == "/reset":
             conv.reset()
-            pending = []
+            pending = {}
             print("(new conversation)", file=sys.stderr)
             continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            if path:
-                pending.append(path)
-                print(f"(attached {path})", file=sys.stderr)
+        word, _, path = line.partition(" ")
+        if word[1:] in MEDIA_FLAGS and word.startswith("/"):
+            if path.strip():
+                pending.setdefault(MEDIA_FLAGS[word[1:]], []).append(path.strip())
+                print(f"(attached {path.strip()})", file=sys.stderr)
             continue
         try:
-            reply = conv.send(line, images=pending, **_sampling(args))
-            pending = []
+            reply = conv.send(line, **pending, **_sampling(args))
+            pending = {}
             try:
                 for piece in reply:
                     print(piece, end="", flush=True)
@@ -144,9 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repeat-penalty", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=None)
 
-    p = sub.add_parser("run", help="one turn: image + prompt -> answer")
+    def media_args(p):
+        for flag in MEDIA_FLAGS:
+            p.add_argument(f"--{flag}", action="append", metavar="PATH",
+                           help=f"{flag} input (repeatable; the bundle must serve it)")
+
+    p = sub.add_parser("run", help="one turn: media + prompt -> answer")
     session_args(p)
-    p.add_argument("--image", action="append", help="image file (repeat for several)")
+    media_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, timings)")
     sampling_args(p)
@@ -154,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive chat with streaming")
     session_args(p)
-    p.add_argument("--image", action="append")
+    media_args(p)
     sampling_args(p)
     p.set_defaults(fn=cmd_chat)
 

@@ -57,6 +57,7 @@ class OnnxStage:
             raise BundleError(f"{path.name}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
         self.name = path.name
         self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.shape = self.sess.get_inputs()[0].shape          # first input, symbolic dims as str
         self.output = record["output"]
         # graph input name -> context key it is fed from
         self.feeds = dict(record.get("inputs") or {n: n for n in self.inputs})
@@ -78,10 +79,41 @@ class OnnxStage:
 
 
 INSTRUCTION_KEYS = {"instruction_ids", "instruction_mask"}
+L2_EPS = 1e-12            # torch.nn.functional.normalize's default eps
+
+
+class ArrayOp:
+    """The small numpy stages between graphs: l2norm (x scale), mean_over_clips, select."""
+
+    def __init__(self, record: dict):
+        self.op, self.input, self.output = record["op"], record["input"], record["output"]
+        self.scale = float(record.get("scale", 1.0))
+        self.index, self.axis = int(record.get("index", 0)), int(record.get("axis", 1))
+
+    def needs(self) -> set:
+        return {self.input}
+
+    def run(self, ctx: dict) -> np.ndarray:
+        x = ctx[self.input]
+        if self.op == "l2norm":
+            norm = np.sqrt(np.sum(np.square(x, dtype=np.float32), axis=-1, keepdims=True))
+            return (x / np.maximum(norm, L2_EPS) * np.float32(self.scale)).astype(np.float32)
+        if self.op == "mean_over_clips":
+            return x.mean(axis=0, keepdims=True, dtype=np.float32)          # [clips, ...] -> [1, ...]
+        return np.take(x, [self.index], axis=self.axis).squeeze(self.axis)  # "select"
+
+
+def make_stage(bundle: Bundle, record: dict, providers: list, threads: int):
+    if record["op"] == "onnx":
+        declared = bundle.manifest["files"][record["file"]]
+        return OnnxStage(bundle.file(record["file"]), record, declared, providers, threads)
+    if record["op"] in ("l2norm", "mean_over_clips", "select"):
+        return ArrayOp(record)
+    raise BundleError(f"{bundle.path}: stage op {record['op']!r} is not served by this scops version")
 
 
 class ModalityEncoder:
-    """Runs one modality's pre-projector stages: preprocessed batch -> bridge rows [B, Q, D].
+    """Runs one modality's pre-projector stages: prepared batch -> bridge rows [1, Q, D].
 
     Stages before the first one that reads the instruction form the cacheable base (the
     ViT output of InstructBLIP); the rest reruns per instruction.
@@ -91,17 +123,13 @@ class ModalityEncoder:
         spec = bundle.modalities[modality]
         self.modality = modality
         self.rows = int(spec["rows"])
-        self.input_key = None
         stages = []
         for st in spec["stages"]:
             if st["op"] == "projector":
                 break
-            if st["op"] != "onnx":
-                raise BundleError(f"{bundle.path}: stage op {st['op']!r} is not served by this scops version")
-            declared = bundle.manifest["files"][st["file"]]
-            stages.append(OnnxStage(bundle.file(st["file"]), st, declared, providers, threads))
-        if not stages:
-            raise BundleError(f"{bundle.path}: modality {modality} has no encoder stage")
+            stages.append(make_stage(bundle, st, providers, threads))
+        if not stages or not isinstance(stages[0], OnnxStage):
+            raise BundleError(f"{bundle.path}: modality {modality} must start with an onnx stage")
         self.input_key = next(iter(stages[0].feeds.values()))
         split = next((i for i, s in enumerate(stages) if s.needs() & INSTRUCTION_KEYS), len(stages))
         self.base, self.rest = stages[:split], stages[split:]
@@ -121,6 +149,8 @@ class ModalityEncoder:
         for stage in self.rest:
             ctx[stage.output] = stage.run(ctx)
         x = ctx[(self.rest or self.base)[-1].output]
+        if x.ndim == 2:
+            x = x[:, None, :]                                   # [B, D] -> [B, 1, D]: one row
         if x.ndim != 3 or x.shape[1] != self.rows:
             raise BundleError(f"{self.modality}: encoder produced {list(x.shape)}, expected [B, {self.rows}, D]")
         return x

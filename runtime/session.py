@@ -24,7 +24,8 @@ from .encode import ModalityEncoder, pick_providers
 from .errors import BundleError, UnsupportedModality
 from .instruction import InstructionTokenizer
 from .llm import Llm, LlmOptions
-from .preprocess import content_hash, decode_image, preprocess_image
+from .modalities import KINDS
+from .preprocess import content_hash
 from .project import load_projector, projector_stage
 from .template import MediaRef
 
@@ -97,51 +98,57 @@ class Session:
     def _warmup(self) -> None:
         """First-call costs (graph init, allocations) paid at open, not in the first turn."""
         for m, enc in self.encoders.items():
-            pre = self.bundle.modalities[m]["preprocess"]
-            base = enc.encode_base(np.zeros((1, 3, pre["size"], pre["size"]), np.float32))
+            shape = [d if isinstance(d, int) else 1 for d in enc.base[0].shape]
+            base = enc.encode_base(np.zeros(shape, np.float32))
             instr = self.instruction_tok.encode("warm up") if enc.uses_instruction else None
             rows = enc.encode_rows(base, instr)[0]
             self.projectors[m].forward(np.ascontiguousarray(rows))
         self.llm.sync(self.llm.tokenize(self.bundle.template["system"], True), fill=None)
 
-    def encode_images(self, sources, instruction: str = "") -> tuple[list[MediaRef], dict]:
-        """Decode, hash, and (unless cached) preprocess + encode; returns refs and timings.
+    def encode_media(self, modality: str, sources, instruction: str = "") -> tuple[list[MediaRef], dict]:
+        """Decode, hash, and (unless cached) prepare + encode; returns refs and timings.
 
         A text-conditioned Q-Former (InstructBLIP) also reads `instruction`: its rows are
-        keyed by picture and instruction, the instruction-free base (ViT output) by picture.
+        keyed by input and instruction, the instruction-free base (ViT output) by input.
         """
-        if "image" not in self.encoders:
-            raise UnsupportedModality(f"this {self.bundle.family} bundle takes no images")
-        enc = self.encoders["image"]
+        if modality not in self.encoders:
+            raise UnsupportedModality(f"this {self.bundle.family} bundle takes no {modality} input "
+                                      f"(it serves: {', '.join(self.encoders)})")
+        enc, kind = self.encoders[modality], KINDS[modality]
+        spec = self.bundle.modalities[modality]["preprocess"]
         t0 = time.perf_counter()
-        decoded = [decode_image(s) for s in sources]
-        base_keys = ["image:" + content_hash(a) for a in decoded]
+        decoded = [kind.decode(src, spec) for src in sources]
+        base_keys = [f"{modality}:{kind.key(d)}" for d in decoded]
         salt = "|q:" + content_hash(np.frombuffer(instruction.encode(), np.uint8)) if enc.uses_instruction else ""
-        refs = [MediaRef("image", k + salt) for k in base_keys]
-        todo = {r.key: (k, a) for r, k, a in zip(refs, base_keys, decoded) if r.key not in self._media}
-        self.stats.media_cache_hits += len(refs) - len(todo)
-        need_base = {k: a for k, a in todo.values() if k not in self._base}
-        pre = self.bundle.modalities["image"]["preprocess"]
-        batch = [preprocess_image(a, pre) for a in need_base.values()]
-        t1 = time.perf_counter()
-        if need_base:
-            ctx = enc.encode_base(np.stack(batch))                # [n, 3, S, S] -> {name: [n, ...]}
-            self.stats.encoder_runs += len(need_base)
-            for i, k in enumerate(need_base):
-                self._base[k] = {name: v[i:i + 1] for name, v in ctx.items()}
+        refs = [MediaRef(modality, k + salt) for k in base_keys]
+        t_prep = t_enc = 0.0
+        for ref, k, d in zip(refs, base_keys, decoded):
+            if ref.key in self._media:
+                self.stats.media_cache_hits += 1
+                continue
+            if k not in self._base:
+                t1 = time.perf_counter()
+                batch = kind.prepare(d, spec)                        # [N, ...]: N clips / crops / 1
+                t2 = time.perf_counter()
+                self._base[k] = enc.encode_base(batch)
+                self.stats.encoder_runs += 1
+                t_prep, t_enc = t_prep + t2 - t1, t_enc + time.perf_counter() - t2
                 while len(self._base) > MEDIA_CACHE_ITEMS:
                     self._base.popitem(last=False)
-        if todo:
+            t2 = time.perf_counter()
             instr = self.instruction_tok.encode(instruction) if enc.uses_instruction else None
-            for key, (k, _) in todo.items():
-                rows = enc.encode_rows(self._base[k], instr)[0]          # [1, Q, D] -> [Q, D]
-                self._remember(key, "image", np.ascontiguousarray(rows))
+            rows = enc.encode_rows(self._base[k], instr)[0]             # [1, Q, D] -> [Q, D]
+            self._remember(ref.key, modality, np.ascontiguousarray(rows))
+            t_enc += time.perf_counter() - t2
         for r, k in zip(refs, base_keys):
             self._media.move_to_end(r.key)
             if k in self._base:
                 self._base.move_to_end(k)
-        t2 = time.perf_counter()
-        return refs, {"preprocess_ms": (t1 - t0) * 1e3, "encode_ms": (t2 - t1) * 1e3}
+        total = time.perf_counter() - t0
+        return refs, {"preprocess_ms": (total - t_enc) * 1e3, "encode_ms": t_enc * 1e3}
+
+    def encode_images(self, sources, instruction: str = "") -> tuple[list[MediaRef], dict]:
+        return self.encode_media("image", sources, instruction)
 
     def _remember(self, key: str, modality: str, rows: np.ndarray) -> None:
         self._media[key] = (modality, rows)

@@ -21,7 +21,7 @@ def teacher_forced_argmax(session, conv, image, tokens):
     from scops.runtime.chat import _fill_from
     from scops.runtime.template import Message
     conv.reset()
-    refs, _ = conv._encode([image], Q)
+    refs, _ = conv._encode({"images": [image]}, Q)
     cells = conv._cells([Message("user", Q, refs)])
     llm = session.llm
     llm.sync(cells, _fill_from(session, conv._media))

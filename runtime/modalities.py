@@ -1,0 +1,79 @@
+"""Media kinds: how each modality's input is decoded (the cache key is the hash of what
+decoding gives) and prepared into the first encoder stage's batch (clips, crops, ...).
+
+All numpy + Pillow + soundfile/av (runtime/media.py): no torch.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .preprocess import MAX_IMAGE_BYTES, _read_bytes, content_hash, decode_image, preprocess_image
+
+# What `send(...)` calls each modality's list of inputs.
+SEND_ARGS = {"images": "image", "audios": "audio", "videos": "video", "thermals": "thermal",
+             "depths": "depth", "imus": "imu"}
+# Encoded files above this are refused before decoding (a 10-minute 1080p video is ~1 GB).
+MAX_MEDIA_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class Kind:
+    decode: Callable[[Any, dict], Any]          # source -> decoded value (cheap, hashable)
+    key: Callable[[Any], str]                   # decoded -> content hash
+    prepare: Callable[[Any, dict], np.ndarray]  # decoded -> first stage's batch [N, ...]
+
+
+def _bytes(src, spec) -> bytes:
+    if isinstance(src, (str, Path, bytes, bytearray, memoryview)):
+        return _read_bytes(src, spec.get("kind", "media"), MAX_MEDIA_BYTES)[0]
+    from .errors import InputError
+    raise InputError(f"{spec.get('kind', 'media')} input must be a path or bytes, not {type(src).__name__}")
+
+
+def _hash_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _audio_options(spec: dict):
+    from .media import BUBOGPT_AUDIO, IMAGEBIND_AUDIO
+    return {"imagebind": IMAGEBIND_AUDIO, "bubogpt": BUBOGPT_AUDIO}[spec.get("recipe", "imagebind")]
+
+
+def _decode_audio(src, spec):
+    from .media import decode_audio
+    x, rate, _ = decode_audio(src)
+    return x, rate
+
+
+def _prepare_audio(decoded, spec):
+    from .media import audio_clips
+    x, rate = decoded
+    return audio_clips(x, rate, _audio_options(spec))           # [clips, 1, 128, 204]
+
+
+def _prepare_video(data, spec):
+    from .media import preprocess_video
+    return preprocess_video(data)                               # [clips * crops, 3, 2, 224, 224]
+
+
+def _prepare_single(fn_name: str):
+    def prepare(data, spec):
+        from . import media
+        return getattr(media, fn_name)(data)[None]              # [...] -> [1, ...]
+    return prepare
+
+
+KINDS = {
+    "image": Kind(lambda src, spec: decode_image(src), content_hash,
+                  lambda rgb, spec: preprocess_image(rgb, spec)[None]),          # [1, 3, S, S]
+    "audio": Kind(_decode_audio, lambda d: content_hash(d[0], salt=f"{d[1]}Hz"), _prepare_audio),
+    "video": Kind(_bytes, _hash_bytes, _prepare_video),
+    "thermal": Kind(_bytes, _hash_bytes, _prepare_single("preprocess_thermal")),
+    "depth": Kind(_bytes, _hash_bytes, _prepare_single("preprocess_depth")),
+    "imu": Kind(_bytes, _hash_bytes, _prepare_single("preprocess_imu")),
+}
