@@ -162,7 +162,13 @@ def build_instructblip_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
     return _build(out, "instructblip", shape)
 
 
-BUILDERS = {"minigpt4-tiny": build_minigpt4_tiny, "instructblip-tiny": build_instructblip_tiny}
+def build_pandagpt_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
+    from .fixtures_pandagpt import build_pandagpt_tiny as build
+    return build(out, shape)
+
+
+BUILDERS = {"minigpt4-tiny": build_minigpt4_tiny, "instructblip-tiny": build_instructblip_tiny,
+            "pandagpt-tiny": build_pandagpt_tiny}
 
 
 def main(argv=None) -> int:

@@ -255,12 +255,14 @@ def write_llama_gguf(
     name: str = "scops-llm",
     prefix: str = "",
     config: Mapping[str, Any] | None = None,
+    adjust: Callable[[str, np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Stream a HF LLaMA checkpoint folder into a GGUF file; return facts about it.
 
     `prefix` selects a nested text model (e.g. "language_model." inside a
     BLIP-2 checkpoint); `config` overrides the text config from config.json.
     `progress(i, n, gguf_name)` is called after tensor i (0-based) of n is written.
+    `adjust(hf_name, w)` may change a tensor as it streams by (e.g. merge a LoRA delta).
     """
     import gguf
 
@@ -285,7 +287,7 @@ def write_llama_gguf(
     try:
         writer = gguf.GGUFWriter(tmp, arch="llama")
         n_bytes = _write_all(writer, cfg, name, dtype, out_dtype, plan, index,
-                             (tokens, scores, types, specials), progress)
+                             (tokens, scores, types, specials), progress, adjust)
         writer.close()
         publish(tmp, out_path)
     except BaseException:
@@ -306,7 +308,8 @@ def write_llama_gguf(
 
 def _write_all(writer: Any, cfg: Mapping[str, Any], name: str, dtype: str, out_dtype: np.dtype,
                plan: list[tuple[str, str, str | None]], index: dict[str, tuple[Path, tuple[int, ...]]],
-               vocab: tuple, progress: ProgressFn | None) -> int:
+               vocab: tuple, progress: ProgressFn | None,
+               adjust: Callable[[str, np.ndarray], np.ndarray] | None = None) -> int:
     """Declare all tensors, write header/metadata/table, then stream tensor data."""
     total = 0
     for hf_name, gg_name, _ in plan:
@@ -320,7 +323,10 @@ def _write_all(writer: Any, cfg: Mapping[str, Any], name: str, dtype: str, out_d
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for i, (hf_name, gg_name, rotary) in enumerate(plan):
-        data = convert_tensor(load_tensor(index[hf_name][0], hf_name), rotary, cfg, out_dtype)
+        w = load_tensor(index[hf_name][0], hf_name)
+        if adjust is not None:
+            w = adjust(hf_name, w)
+        data = convert_tensor(w, rotary, cfg, out_dtype)
         writer.write_tensor_data(data)
         del data
         if progress is not None:

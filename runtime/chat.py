@@ -79,7 +79,8 @@ class Conversation:
             for r in got:
                 self._media[r.key] = self.session.media_rows(r.key)
             refs += got
-            timings = {k: timings[k] + t[k] for k in timings}
+            for k in ("preprocess_ms", "encode_ms"):
+                timings[k] += t[k]
             timings[f"encode_{modality}_ms"] = t["encode_ms"]
         combine = self.session.bundle.manifest.get("combine")
         if combine and len(refs) > 1:

@@ -11,6 +11,7 @@ per session and a new turn decodes only what is new.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -65,8 +66,14 @@ class Session:
         cache_dir = Path.home() / ".cache" / "scops" / "trt"
         self.providers = pick_providers(opts.providers, cache_dir)
         self.encoders = {m: ModalityEncoder(bundle, m, self.providers, opts.threads) for m in bundle.modalities}
-        self.projectors = {m: load_projector(bundle, projector_stage(bundle, m), opts.projector_backend,
-                                             opts.threads) for m in bundle.modalities}
+        self.projectors = {}
+        loaded: dict = {}              # modalities sharing one projector file share one Projector
+        for m in bundle.modalities:
+            stage = projector_stage(bundle, m)
+            key = json.dumps(stage, sort_keys=True)
+            if key not in loaded:
+                loaded[key] = load_projector(bundle, stage, opts.projector_backend, opts.threads)
+            self.projectors[m] = loaded[key]
         self.llm = Llm(str(bundle.llm_path), LlmOptions(opts.n_ctx, opts.n_batch, opts.threads, opts.n_gpu_layers,
                                                                opts.kv_type, opts.flash_attn))
         if self.llm.n_embd != int(bundle.manifest["llm"]["n_embd"]):
@@ -161,7 +168,7 @@ class Session:
     def close(self) -> None:
         if self.active is not None:
             self.active.close()
-        for p in self.projectors.values():
+        for p in {id(p): p for p in self.projectors.values()}.values():
             p.close()
         self.llm.close()
 
