@@ -31,6 +31,15 @@ class FamilyExport:
     modalities: dict                     # manifest "modalities" (stage files must exist)
     extra_files: tuple = ()              # ((name, writer(path)), ...) e.g. a Q-Former tokenizer
     facts: dict = field(default_factory=dict)
+    # ((checkpoint prefix, bundle file), ...) when a family has several projections (BuboGPT:
+    # image + audio); empty -> the one `projection_prefix` -> projector.safetensors
+    projectors: tuple = ()
+    llm_dir: Path | None = None          # where the LLM (+ tokenizer.model) lives; default: the source
+    llm_adjust: Callable | None = None   # (hf_name, w) -> w while streaming, e.g. a LoRA merge
+    load: Callable | None = None         # (prefix) -> {name: tensor}; default: the source's safetensors
+
+    def projector_files(self) -> tuple:
+        return self.projectors or ((self.projection_prefix, "projector.safetensors"),)
 
 
 def resolve_source(src: str) -> Path:
@@ -67,9 +76,10 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
 
     if quant not in QUANTS:
         raise ValueError(f"--quant must be one of {', '.join(QUANTS)}")
-    tok_model = src_dir / "tokenizer.model"
+    llm_dir = fam.llm_dir or src_dir
+    tok_model = llm_dir / "tokenizer.model"
     if not tok_model.exists():
-        raise FileNotFoundError(f"{src_dir}: tokenizer.model (sentencepiece) not found")
+        raise FileNotFoundError(f"{llm_dir}: tokenizer.model (sentencepiece) not found")
     t_start = time.perf_counter()
     quantized = quant not in ("F32", "F16")
     n_steps = len(fam.stages) + 3 + quantized
@@ -84,21 +94,27 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
             write(b.dir / name)
             b.add_file(name, "tokenizer")
 
-        log(f"[{next(step)}/{n_steps}] projector: {fam.projection_prefix.rstrip('.')} -> projector.safetensors")
-        proj = load_state(src_dir, fam.projection_prefix)
-        weights = {"fc1.weight": proj["weight"].numpy(), "fc1.bias": proj["bias"].numpy()}
-        save_file(weights, str(b.dir / "projector.safetensors"))
-        b.add_file("projector.safetensors", "safetensors",
-                   tensors={k: list(v.shape) for k, v in weights.items()})
-        n_embd = weights["fc1.weight"].shape[0]                      # [out, in]
+        step_no, saved = next(step), []
+        for prefix, file in fam.projector_files():
+            log(f"[{step_no}/{n_steps}] projector: {prefix.rstrip('.')} -> {file}")
+            proj = fam.load(prefix) if fam.load else load_state(src_dir, prefix)
+            w = {"fc1.weight": proj["weight"].numpy(), "fc1.bias": proj["bias"].numpy()}
+            save_file(w, str(b.dir / file))
+            b.add_file(file, "safetensors", tensors={k: list(v.shape) for k, v in w.items()})
+            saved.append(w)
+        weights = saved[0]                                           # the encoder-precision check's
+        widths = {w["fc1.weight"].shape[0] for w in saved}           # [out, in] -> out
+        if len(widths) != 1:
+            raise ValueError(f"projections disagree on the LLM width: {sorted(widths)}")
+        (n_embd,) = widths
         precision = _convert_encoders(b, fam, encoder_precision, weights, log)
 
         src_name = f"llm.{quant}.gguf" if not quantized else ".llm.src.gguf"
         dtype = "f16" if quant == "F16" else "f32"
-        log(f"[{next(step)}/{n_steps}] LLM: GGUF ({dtype}) from {src_dir.name}")
-        facts = write_llama_gguf(src_dir, tok_model, b.dir / src_name, dtype=dtype, prefix=fam.llm_prefix,
+        log(f"[{next(step)}/{n_steps}] LLM: GGUF ({dtype}) from {llm_dir.name}")
+        facts = write_llama_gguf(llm_dir, tok_model, b.dir / src_name, dtype=dtype, prefix=fam.llm_prefix,
                                  config=fam.text_config, progress=_tensor_progress(log),
-                                 name=f"scops-{fam.family}")
+                                 name=f"scops-{fam.family}", adjust=fam.llm_adjust)
         llm_file = src_name
         if quantized:
             llm_file = f"llm.{quant}.gguf"
