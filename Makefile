@@ -12,7 +12,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_T
 KERNEL_SRC := CMakeLists.txt $(wildcard kernels/*.h kernels/*.c kernels/*.cpp kernels/*.cu kernels/CMakeLists.txt)
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean system-deps
 setup: $(VENV)/.stamp-pkg
 
 $(VENV)/.stamp-deps: pyproject.toml Makefile
@@ -29,7 +29,18 @@ $(VENV)/.stamp-pkg: $(VENV)/.stamp-deps $(KERNEL_SRC)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-test: setup
+# Debian packages the tests drive: Chromium (the web page test, via Playwright) and
+# espeak-ng (real speech for the audio tests). Without root or apt those tests skip.
+SYSTEM_DEPS := chromium espeak-ng
+system-deps:
+	@missing=""; for p in $(SYSTEM_DEPS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	    || echo "could not install$$missing: the tests that need them will be skipped"; \
+	fi
+
+test: setup system-deps
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 demo: setup

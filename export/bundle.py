@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -79,3 +80,19 @@ def _make_readable(root: Path) -> None:
     os.chmod(root, 0o777 & ~umask)
     for p in root.iterdir():
         os.chmod(p, 0o666 & ~umask)
+
+
+@contextmanager
+def atomic_dir(out: Path):
+    """with atomic_dir(out) as tmp: fill tmp; on success it replaces `out`, on error it is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        _make_readable(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

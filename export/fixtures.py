@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .bundle import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -127,10 +126,7 @@ def _build(out: Path, family: str, shape: TinyShape) -> Path:
 
     from .spm import train_tokenizer
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         train_tokenizer(tmp, vocab_size=shape.vocab)
         n_vocab = spm.SentencePieceProcessor(model_file=str(tmp / "tokenizer.model")).get_piece_size()
         if family == "instructblip":
@@ -145,13 +141,7 @@ def _build(out: Path, family: str, shape: TinyShape) -> Path:
         _randomize(model, shape.seed)
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "scops_fixture.json").write_text(json.dumps({"family": family, "shape": shape.__dict__}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def build_minigpt4_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:

@@ -4,12 +4,10 @@ sentencepiece tokenizer trained on the spot, and the delta (llama_proj + LoRA on
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from .bundle import atomic_dir
 from .fixtures import TinyShape, _configs, _randomize
 
 LORA_R = 8               # tiny rank (the release uses 32); alpha stays 32 as in the release
@@ -25,10 +23,7 @@ def build_pandagpt_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
     from .imagebind_modules import ImageBindSizes
     from .spm import train_tokenizer
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         sizes = ImageBindSizes.tiny()
         torch.save(build_imagebind(sizes, seed=shape.seed).state_dict(), tmp / "imagebind_huge.pth")
         (tmp / "imagebind_sizes.json").write_text(json.dumps(asdict(sizes), indent=1))
@@ -57,10 +52,4 @@ def build_pandagpt_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
                 delta[f"{base}.lora_B.weight"] = 0.05 * torch.randn(width, LORA_R, generator=gen)
         torch.save(delta, tmp / "pytorch_model.pt")
         (tmp / "pandagpt_config.json").write_text(json.dumps({"lora_r": LORA_R, "lora_alpha": LORA_ALPHA}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
