@@ -77,27 +77,39 @@ def make_inputs(spec: OnnxStageSpec, batch: int, seed: int) -> list[np.ndarray]:
 
 
 def export_stage(module, spec: OnnxStageSpec, out_dir: Path) -> Path:
-    """Trace `module` at spec.trace_batch and write spec.file into out_dir."""
+    """Trace `module` at spec.trace_batch and write spec.file into out_dir.
+
+    torch writes a graph over protobuf's 2 GiB limit as one loose file per tensor; the
+    export goes to a scratch dir and is re-saved as spec.file (+ one spec.file.data).
+    """
+    import tempfile
+
     import onnx
     import torch
 
     path = Path(out_dir) / spec.file
     args = tuple(torch.from_numpy(a) for a in make_inputs(spec, spec.trace_batch, seed=0))
     module.eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        # HF code branches on shapes fixed by the spec (e.g. the 32 queries): not data-dependent
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(
-            module, args, str(path), dynamo=False,
-            input_names=[t.name for t in spec.inputs],
-            output_names=[t.name for t in spec.outputs],
-            dynamic_axes=spec.dynamic_axes(), opset_version=spec.opset,
-            do_constant_folding=True,
-        )
-    model = onnx.load(str(path))
-    if model.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=spec.file + ".data")
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".onnx-export-") as scratch:
+        raw = Path(scratch) / spec.file
+        with torch.no_grad(), warnings.catch_warnings():
+            # HF code branches on shapes fixed by the spec (e.g. the 32 queries): not data-dependent
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                module, args, str(raw), dynamo=False,
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes=spec.dynamic_axes(), opset_version=spec.opset,
+                do_constant_folding=True,
+            )
+        model = onnx.load(str(raw))                    # pulls in loose tensor files if any
+        weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
+        if weight_bytes > EXTERNAL_DATA_BYTES:
+            onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=spec.file + ".data", size_threshold=1024)
+        else:
+            onnx.save(model, str(path))
+        del model
     onnx.checker.check_model(str(path))
     return path
 
