@@ -5,7 +5,7 @@ import sys
 
 from scops.runtime.errors import ScopsError
 
-FAMILIES = ("minigpt4", "instructblip", "pandagpt")
+FAMILIES = ("minigpt4", "instructblip", "pandagpt", "bubogpt")
 
 
 class ExportError(ScopsError):
@@ -17,11 +17,13 @@ def _log(msg: str) -> None:
 
 
 def run_export(args) -> int:
+    from .bubogpt import export_bubogpt
     from .instructblip import export_instructblip
     from .minigpt4 import export_minigpt4
     from .pandagpt import export_pandagpt
 
-    exporters = {"minigpt4": export_minigpt4, "instructblip": export_instructblip, "pandagpt": export_pandagpt}
+    exporters = {"minigpt4": export_minigpt4, "instructblip": export_instructblip, "pandagpt": export_pandagpt,
+                 "bubogpt": export_bubogpt}
     if args.family not in exporters:
         raise ExportError(f"unknown family {args.family!r} (have: {', '.join(FAMILIES)})")
     try:

@@ -157,8 +157,13 @@ def build_pandagpt_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
     return build(out, shape)
 
 
+def build_bubogpt_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
+    from .fixtures_bubogpt import build_bubogpt_tiny as build
+    return build(out, shape)
+
+
 BUILDERS = {"minigpt4-tiny": build_minigpt4_tiny, "instructblip-tiny": build_instructblip_tiny,
-            "pandagpt-tiny": build_pandagpt_tiny}
+            "pandagpt-tiny": build_pandagpt_tiny, "bubogpt-tiny": build_bubogpt_tiny}
 
 
 def main(argv=None) -> int:

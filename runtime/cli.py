@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="checkpoint -> bundle")
     p.add_argument("--from", dest="src", required=True, help="local HF folder or hub id")
-    p.add_argument("--family", required=True, choices=["minigpt4", "instructblip", "pandagpt"])
+    p.add_argument("--family", required=True, choices=["minigpt4", "instructblip", "pandagpt", "bubogpt"])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16", "F32"])
     p.add_argument("--encoder-precision", default="fp32", choices=["fp32", "fp16", "int8"],

@@ -56,8 +56,10 @@ class AudioOptions:
 
 
 IMAGEBIND_AUDIO = AudioOptions()
-# eval_configs/mmgpt4_eval.yaml: imagebind_audio_eval, clip_duration 5, clips_per_video 6, use_global
-BUBOGPT_AUDIO = AudioOptions(clip_seconds=5, clips=6, repeat_short=True, global_clip=True, fit="pad_resize")
+# eval_configs/mmgpt4_eval.yaml: imagebind_audio_eval, clip_duration 5, clips_per_video 6. The yaml
+# also says use_global: True, but ImageBindAudioEvalProcessor.from_config never passes it on,
+# so the released eval path runs 6 clips, no global one.
+BUBOGPT_AUDIO = AudioOptions(clip_seconds=5, clips=6, repeat_short=True, global_clip=False, fit="pad_resize")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,9 @@ def render(template: dict, messages: list[Message], system: str | None = None) -
     for msg in messages:
         if msg.role == "user":
             content: list = []
-            for ref in msg.media:
+            for i, ref in enumerate(msg.media):
+                if i:       # BuboGPT: every medium is its own "###Human:" message
+                    content.append(template.get("media_join", ""))
                 content += _wrap(template, ref)
             if msg.text:
                 if msg.media:

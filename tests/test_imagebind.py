@@ -205,9 +205,9 @@ def test_clip_sampling_as_pytorchvideo():
     assert media.clip_starts(10.0, 2, 3) == [0, Fraction(8, 3), Fraction(16, 3)]
     assert media.clip_starts(1.5, 2, 3) == [0, 0, 0]
     x = np.random.default_rng(1).standard_normal(16000 * 3).astype(np.float32) * 0.1
-    bubo = media.audio_clips(x, 16000, media.BUBOGPT_AUDIO)   # 3 s tiled to 5 s; 6 clips + global
-    assert bubo.shape == (7, 1, 128, 204)
-    assert np.allclose(bubo[0], bubo[5]) and np.allclose(bubo[0], bubo[6])   # all clips = the 5 s
+    bubo = media.audio_clips(x, 16000, media.BUBOGPT_AUDIO)   # 3 s tiled to 5 s; 6 clips of it
+    assert bubo.shape == (6, 1, 128, 204)
+    assert np.allclose(bubo[0], bubo[5])                      # all clips = the same 5 s
 
 
 def test_audio_normalisation_and_padding():
@@ -233,7 +233,7 @@ def test_speech_stereo_22k_through_preprocessing(tmp_path):
     assert clips.shape == (3, 1, 128, 204) and np.all(np.isfinite(clips))
     assert clips[..., :198].std() > 0.3                        # speech, not padding
     bubo = media.preprocess_audio(str(stereo), media.BUBOGPT_AUDIO)
-    assert bubo.shape == (7, 1, 128, 204) and np.all(np.isfinite(bubo))
+    assert bubo.shape == (6, 1, 128, 204) and np.all(np.isfinite(bubo))
 
 
 def test_short_long_and_over_limit_audio():
@@ -246,7 +246,7 @@ def test_short_long_and_over_limit_audio():
     data = _wav_bytes(ten_min, 16000, subtype="PCM_16")
     t0 = time.perf_counter()
     assert media.preprocess_audio(data).shape == (3, 1, 128, 204)
-    assert media.preprocess_audio(data, media.BUBOGPT_AUDIO).shape == (7, 1, 128, 204)
+    assert media.preprocess_audio(data, media.BUBOGPT_AUDIO).shape == (6, 1, 128, 204)
     assert time.perf_counter() - t0 < 20
     with pytest.raises(InputError, match="over the 600 s audio limit"):
         media.preprocess_audio(_wav_bytes(np.zeros(8000 * 601, np.int16), 8000))
@@ -344,4 +344,4 @@ def test_media_runs_without_torch(tmp_path):
         "buf = io.BytesIO(); sf.write(buf, np.zeros((44100, 2), np.float32), 44100, format='WAV')\n"
         "print(media.preprocess_audio(buf.getvalue(), media.BUBOGPT_AUDIO).shape)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "(7, 1, 128, 204)" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "(6, 1, 128, 204)" in r.stdout, r.stdout + r.stderr
