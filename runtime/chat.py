@@ -129,6 +129,9 @@ class Reply:
         self._setup_s = setup_s
         self.text = ""
         self.token_ids: list[int] = []
+        # end offset in .text of each generated token (clipped to the text): answer spans stay
+        # addressable, e.g. for grounding phrases back to tokens
+        self.offsets: list[int] = []
         self.finish_reason: str | None = None
         self._cancel = threading.Event()
         self._gen = self._run()
@@ -204,6 +207,7 @@ class Reply:
             full += decoder.decode(llm.piece(tok))
             if emitted == 0:
                 full = full.lstrip()
+            self.offsets.append(len(full))
             cut = min((i for i in (full.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
                 full = full[:cut]
@@ -222,6 +226,7 @@ class Reply:
         if emitted < len(full) and self.finish_reason != "cancelled":
             yield full[emitted:]
         self.text = full
+        self.offsets = [min(o, len(full)) for o in self.offsets]
         n = len(self.token_ids)
         self.timings["n_tokens"] = n
         if t_first is not None and n > 1 and t_last > t_first:

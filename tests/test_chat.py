@@ -110,3 +110,12 @@ def test_unknown_or_bad_options_are_clear_errors(exact_session):
     with pytest.raises(OptionError, match="max_tokens"):
         conv.send("hi", max_tokens=-3)
     assert conv.messages == []
+
+
+def test_token_offsets_address_the_answer_text(exact_session, photos):
+    reply = exact_session.chat().send(Q1, images=[photos["cat"]], **greedy(12, ignore_stop=True)).result()
+    assert len(reply.offsets) == len(reply.token_ids)
+    assert reply.offsets == sorted(reply.offsets) and reply.offsets[-1] == len(reply.text)
+    llm = exact_session.llm
+    pieces = b"".join(llm.piece(t) for t in reply.token_ids).decode("utf-8", errors="replace").lstrip()
+    assert pieces == reply.text

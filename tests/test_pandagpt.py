@@ -120,3 +120,23 @@ def test_a_modality_the_bundle_lacks_is_a_clear_error(bundle):
     with Session.open(bundle("Q4_K_M")) as s:
         with pytest.raises(UnsupportedModality, match="takes no audio input"):
             s.chat().send("hi", audios=["x.wav"])
+
+
+def test_cli_fixture_export_and_run_with_audio_json(tmp_path, media):
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, timeout=300)
+    r = cli("scops.export.fixtures", "pandagpt-tiny", tmp_path / "src")
+    assert r.returncode == 0, r.stderr
+    r = cli("scops.runtime.cli", "export", "--from", tmp_path / "src", "--family", "pandagpt", "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    r = cli("scops.runtime.cli", "run", tmp_path / "b", "--image", media["image"], "--audio", media["audio"],
+            "--prompt", Q1, "--max-tokens", "4", "--temperature", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    timings = json.loads(r.stdout)["timings"]
+    assert timings["encode_image_ms"] > 0 and timings["encode_audio_ms"] > 0
+    r = cli("scops.runtime.cli", "run", tmp_path / "b", "--audio", media["thermal"], "--prompt", Q1)
+    assert r.returncode == 2 and "not an audio file" in r.stderr
