@@ -18,8 +18,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from .openai_api import (ApiError, chunk_body, completion_body, new_completion_id, parse_chat_request,
-                         usage_chunk_body)
+from .openai_api import (ApiError, build_chunk, build_completion, build_usage_chunk, make_completion_id,
+                         parse_chat_request)
 
 log = logging.getLogger("scops")
 
@@ -44,7 +44,6 @@ class ClientGone(Exception):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "scops"
-    sys_version = ""
     timeout = SOCKET_TIMEOUT_S
 
     # ---- routing ------------------------------------------------------------------
@@ -75,7 +74,7 @@ class Handler(BaseHTTPRequestHandler):
             if (method, path) in (("GET", "/"), ("GET", "/index.html")):
                 self._send(200, app.page, "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_CSP})
             elif (method, path) == ("GET", "/health"):
-                self._send_json(200, app.health())
+                self._send_json(200, app.report_health())
             elif path.startswith("/v1/") and path in (CHAT_PATH, "/v1/models"):
                 self._check_key(app)
                 if (method, path) == ("GET", "/v1/models"):
@@ -128,7 +127,7 @@ class Handler(BaseHTTPRequestHandler):
         raw = self._read_body(app.max_body)
         request = parse_chat_request(raw, app.limits, app.session.bundle.modalities, fetch_remote)
         job = app.engine.submit(request)
-        cid, model = new_completion_id(), request.model or app.model_id
+        cid, model = make_completion_id(), request.model or app.model_id
         first = self._next_event(job)
         if first[0] == "error":
             raise first[1]
@@ -141,7 +140,7 @@ class Handler(BaseHTTPRequestHandler):
         if event[0] == "error":
             raise event[1]
         self._note = _describe(event[1])
-        self._send_json(200, completion_body(cid, model, event[1]))
+        self._send_json(200, build_completion(cid, model, event[1]))
 
     def _stream(self, job, event, cid: str, model: str) -> None:
         self._status, self.close_connection = 200, True
@@ -151,9 +150,9 @@ class Handler(BaseHTTPRequestHandler):
                          ("Connection", "close"), ("X-Accel-Buffering", "no")):
                 self.send_header(k, v)
             self.end_headers()
-            self._write_event(chunk_body(cid, model, {"role": "assistant", "content": ""}))
+            self._write_event(build_chunk(cid, model, {"role": "assistant", "content": ""}))
             while event[0] == "piece":
-                self._write_event(chunk_body(cid, model, {"content": event[1]}))
+                self._write_event(build_chunk(cid, model, {"content": event[1]}))
                 event = self._next_event(job)
             if event[0] == "error":
                 self._note = event[1].message
@@ -161,10 +160,10 @@ class Handler(BaseHTTPRequestHandler):
                 return
             result = event[1]
             self._note = "stream, " + _describe(result)
-            self._write_event(chunk_body(cid, model, {}, result["finish_reason"], usage=result["usage"],
+            self._write_event(build_chunk(cid, model, {}, result["finish_reason"], usage=result["usage"],
                                          scops=result["scops"]))
             if job.request.include_usage:
-                self._write_event(usage_chunk_body(cid, model, result["usage"]))
+                self._write_event(build_usage_chunk(cid, model, result["usage"]))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except OSError:
@@ -269,11 +268,16 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, unknown method...) in the OpenAI shape."""
         self._t0, self._status, self._note, self._body_read = time.perf_counter(), 0, "", True
+        self.close_connection = True      # the request was not understood: nothing more on this socket
         try:
             kind = "invalid_request_error" if code < 500 else "server_error"
             self._send_error_body(ApiError(code, message or http.client.responses.get(code, "error"), type=kind))
         finally:
-            self.close_connection = True
+            log.info('%s "%s" %d (%s)', self.client_address[0], getattr(self, "requestline", "")[:80], code,
+                     message or "")
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def log_message(self, format: str, *args) -> None:
         pass                              # _dispatch logs one line per request itself

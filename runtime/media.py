@@ -374,7 +374,7 @@ def _decode_single_channel(src, kind: str):
     try:
         img = Image.open(io.BytesIO(data))
         if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
-            raise InputError(f"{name}: {img.size[0]}x{img.size[1]} is over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP limit")
+            raise InputError(f"{name}: {img.size[0]}x{img.size[1]} is over the {MAX_IMAGE_PIXELS / 1e6:g} MP limit")
         img.load()
     except InputError:
         raise

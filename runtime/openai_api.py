@@ -2,18 +2,16 @@
 
 Pure functions over parsed JSON (no sockets, no session): `parse_chat_request` turns a
 request body into a `ChatRequest` or raises `ApiError` (an HTTP status and an
-OpenAI-shaped error object); the `*_body` helpers build what goes back. Fetching a remote
+OpenAI-shaped error object); the `build_*` helpers make what goes back. Fetching a remote
 image is the caller's business, passed in as `fetch(url) -> bytes`.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import time
 import uuid
-import wave
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,9 +22,9 @@ from .preprocess import decode_image
 MAX_TEMPERATURE = 2.0
 # OpenAI accepts up to 4 stop sequences.
 MAX_STOPS = 4
-# More pictures than this in one request would not fit a 2k context anyway (32 rows each
+# More media than this in one request would not fit a 2k context anyway (32 rows each
 # plus text) and only cost decode time and memory before PromptTooLong says so.
-MAX_IMAGES_PER_REQUEST = 16
+MAX_MEDIA_PER_REQUEST = 16
 # What a request without max_tokens gets (capped by the server's --max-tokens-cap).
 DEFAULT_MAX_TOKENS = 256
 ROLES = ("system", "developer", "user", "assistant")
@@ -44,7 +42,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def api_error_from(e: ScopsError) -> ApiError:
+def to_api_error(e: ScopsError) -> ApiError:
     """A runtime error (bad media, too long, unsupported, bad option) -> a 400."""
     codes = {PromptTooLong: "context_length_exceeded", UnsupportedModality: "unsupported_modality",
              InputError: "invalid_media", OptionError: "invalid_value"}
@@ -66,6 +64,11 @@ class Turn:
     role: str                 # "user" | "assistant"
     text: str
     images: tuple = ()        # decoded RGB uint8 arrays
+    audios: tuple = ()        # WAV files (bytes), checked for length
+
+    def media(self) -> dict:
+        """Keyword arguments of Conversation.add/send for this turn's media (none: {})."""
+        return {k: list(v) for k, v in (("images", self.images), ("audios", self.audios)) if v}
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ def parse_chat_request(raw: bytes, limits: Limits, modalities, fetch: Callable[[
     _require(isinstance(stream, bool) or stream is None, "stream must be a boolean", "stream")
     options = body.get("stream_options") or {}
     _require(isinstance(options, dict), "stream_options must be an object", "stream_options")
-    model = body.get("model", "")
+    model = body.get("model") or ""
     _require(isinstance(model, str), "model must be a string", "model")
     system, turns = parse_messages(body.get("messages"), limits, modalities, fetch)
     return ChatRequest(system, tuple(turns[:-1]), turns[-1], gen, bool(stream),
@@ -149,7 +152,7 @@ def parse_messages(messages, limits: Limits, modalities, fetch) -> tuple[str | N
     _require(isinstance(messages, list) and messages, "messages must be a non-empty list", "messages")
     systems: list[str] = []
     turns: list[Turn] = []
-    n_images = 0
+    n_media = 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         _require(isinstance(m, dict), f"{where} must be an object", where)
@@ -158,26 +161,29 @@ def parse_messages(messages, limits: Limits, modalities, fetch) -> tuple[str | N
         content = m.get("content")
         if content is None and role == "assistant":
             content = ""
-        text, images = parse_content(content, where, limits, modalities, fetch)
+        text, images, audios = parse_content(content, where, limits, modalities, fetch)
         if role in ("system", "developer"):
-            _require(not images, f"{where}: a {role} message takes text only", f"{where}.content")
+            _require(not images and not audios, f"{where}: a {role} message takes text only", f"{where}.content")
             systems.append(text)
             continue
-        _require(role == "user" or not images, f"{where}: an assistant message takes text only", f"{where}.content")
-        n_images += len(images)
-        turns.append(Turn(role, text, tuple(images)))
+        _require(role == "user" or not (images or audios), f"{where}: an assistant message takes text only",
+                 f"{where}.content")
+        n_media += len(images) + len(audios)
+        _require(n_media <= MAX_MEDIA_PER_REQUEST, f"at most {MAX_MEDIA_PER_REQUEST} images and clips per request",
+                 where)
+        turns.append(Turn(role, text, tuple(images), tuple(audios)))
     _require(bool(turns) and turns[-1].role == "user", "the last message must be a user message", "messages")
-    _require(n_images <= MAX_IMAGES_PER_REQUEST, f"at most {MAX_IMAGES_PER_REQUEST} images per request",
-             "messages")
     return ("\n".join(systems) if systems else None), turns
 
 
-def parse_content(content, where: str, limits: Limits, modalities, fetch) -> tuple[str, list]:
+def parse_content(content, where: str, limits: Limits, modalities, fetch) -> tuple[str, list, list]:
+    """-> (text, images, audios) of a message's content."""
     if isinstance(content, str):
-        return content, []
+        return content, [], []
     _require(isinstance(content, list), f"{where}.content must be a string or a list of parts", f"{where}.content")
     texts: list[str] = []
     images: list = []
+    audios: list = []
     for j, part in enumerate(content):
         at = f"{where}.content[{j}]"
         _require(isinstance(part, dict), f"{at} must be an object", at)
@@ -190,12 +196,10 @@ def parse_content(content, where: str, limits: Limits, modalities, fetch) -> tup
             images.append(parse_image(part.get("image_url"), at, limits, fetch))
         elif kind == "input_audio":
             _require_modality("audio", modalities, at)
-            check_audio(part.get("input_audio"), at, limits)
-            raise ApiError(400, f"unsupported modality: {at}: this runtime does not take audio input yet",
-                           param=at, code="unsupported_modality")
+            audios.append(parse_audio(part.get("input_audio"), at, limits))
         else:
             raise ApiError(400, f"{at}.type {kind!r} is not supported (text, image_url, input_audio)", param=at)
-    return "\n".join(texts), images
+    return "\n".join(texts), images, audios
 
 
 def parse_image(spec, at: str, limits: Limits, fetch):
@@ -219,42 +223,57 @@ def parse_image(spec, at: str, limits: Limits, fetch):
         raise ApiError(400, f"{at}: {e}", param=at, code="invalid_media") from None
 
 
-def check_audio(spec, at: str, limits: Limits) -> float:
-    """Base64 WAV -> its duration in seconds, refused over the server's limit."""
+def parse_audio(spec, at: str, limits: Limits) -> bytes:
+    """Base64 WAV -> its bytes, refused when not a WAV or over the server's length limit."""
     _require(isinstance(spec, dict) and isinstance(spec.get("data"), str), f"{at}.input_audio.data must be a string",
              at)
     _require(spec.get("format", "wav") == "wav", f"{at}.input_audio.format must be 'wav'", at)
     data = _b64(spec["data"], at)
-    try:
-        with wave.open(io.BytesIO(data)) as w:
-            seconds = w.getnframes() / max(w.getframerate(), 1)
-    except (wave.Error, EOFError) as e:
-        raise ApiError(400, f"{at}: not a readable WAV file ({e})", param=at, code="invalid_media") from None
+    seconds = measure_wav_seconds(data)
+    _require(seconds is not None, f"{at}: not a readable WAV file", at, "invalid_media")
     _require(seconds <= limits.max_audio_seconds, f"{at}: {seconds:.1f} s of audio is over the "
              f"{limits.max_audio_seconds:g} s limit", at, "audio_too_long")
-    return seconds
+    return data
+
+
+def measure_wav_seconds(data: bytes) -> float | None:
+    """Duration of a RIFF/WAVE file from its header (any sample format); None if not one."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos, byte_rate, size = 12, 0, None
+    while pos + 8 <= len(data):
+        chunk, length = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if chunk == b"fmt " and length >= 16:
+            byte_rate = int.from_bytes(data[pos + 16:pos + 20], "little")    # bytes per second
+        elif chunk == b"data":
+            size = min(length, len(data) - pos - 8)
+            break
+        pos += 8 + length + (length & 1)
+    if not byte_rate or size is None:
+        return None
+    return size / byte_rate
 
 
 # ---- responses ----------------------------------------------------------------------
-def new_completion_id() -> str:
+def make_completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-def completion_body(cid: str, model: str, result: dict) -> dict:
+def build_completion(cid: str, model: str, result: dict) -> dict:
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
                          "logprobs": None, "finish_reason": result["finish_reason"]}],
             "usage": result["usage"], "scops": result["scops"]}
 
 
-def chunk_body(cid: str, model: str, delta: dict, finish_reason: str | None = None, **extra) -> dict:
+def build_chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, **extra) -> dict:
     body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
     body.update(extra)
     return body
 
 
-def usage_chunk_body(cid: str, model: str, usage: dict) -> dict:
+def build_usage_chunk(cid: str, model: str, usage: dict) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [], "usage": usage}
 

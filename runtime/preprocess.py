@@ -74,7 +74,7 @@ def decode_image(src: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> np.nda
     if w < 1 or h < 1:
         raise InputError(f"{name}: image has no pixels ({w}x{h})")
     if w * h > max_pixels:
-        raise InputError(f"{name}: {w}x{h} is over the {max_pixels / 1e6:.0f} MP limit (decompression bomb?)")
+        raise InputError(f"{name}: {w}x{h} is over the {max_pixels / 1e6:g} MP limit (decompression bomb?)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

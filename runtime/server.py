@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from .errors import OptionError, ScopsError
 from .http_handler import ScopsHTTPServer
-from .openai_api import ApiError, ChatRequest, Limits, api_error_from
+from .openai_api import ApiError, ChatRequest, Limits, to_api_error
 from .states import DEFAULT_SNAPSHOTS, StateCache
 
 log = logging.getLogger("scops")
@@ -74,6 +75,7 @@ class Engine:
         self.jobs: queue.Queue = queue.Queue(maxsize=opts.queue)
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
         self._stop = threading.Event()
+        self._current: Job | None = None
         self._thread = threading.Thread(target=self._loop, name="scops-engine", daemon=True)
         self._thread.start()
 
@@ -90,6 +92,9 @@ class Engine:
 
     def stop(self) -> None:
         self._stop.set()
+        current = self._current
+        if current is not None:           # a generation in progress ends at its next token
+            current.cancel.set()
         self._thread.join(timeout=10)
         while True:                       # whoever still waits gets an answer, not a hang
             try:
@@ -105,7 +110,11 @@ class Engine:
                 job = self.jobs.get(timeout=STOP_POLL_S)
             except queue.Empty:
                 continue
-            self.run_job(job)
+            self._current = job
+            try:
+                self.run_job(job)
+            finally:
+                self._current = None
 
     def run_job(self, job: Job) -> None:
         if job.cancel.is_set():
@@ -114,7 +123,7 @@ class Engine:
         try:
             result = self._generate(job)
         except ScopsError as e:
-            job.out.put(("error", api_error_from(e)))
+            job.out.put(("error", to_api_error(e)))
         except Exception as e:        # never a traceback to the client; one line here
             self.counts["failed"] += 1
             log.error("internal error: %s: %s", type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -128,8 +137,8 @@ class Engine:
         waited_ms = (time.perf_counter() - job.queued_at) * 1e3
         conv = self.session.chat(system=req.system)
         for turn in req.history:
-            conv.add(turn.role, turn.text, images=list(turn.images))
-        reply = conv.send(req.last.text, images=list(req.last.images), **req.gen)
+            conv.add(turn.role, turn.text, **turn.media())
+        reply = conv.send(req.last.text, **req.last.media(), **req.gen)
         restores = self.states.restored
         self.states.prepare(reply.cells)
         try:
@@ -145,7 +154,8 @@ class Engine:
         timings["queue_ms"] = round(waited_ms, 2)
         prompt, completion = len(reply.cells), len(reply.token_ids)
         return {"text": reply.text, "finish_reason": reply.finish_reason,
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion},
                 "scops": {"timings": timings, "reused_cells": t.get("reused_cells", 0),
                           "decoded_cells": t.get("decoded_cells", 0),
                           "snapshot_restored": self.states.restored > restores}}
@@ -192,7 +202,7 @@ class Server:
         self.httpd.server_close()
         self.engine.stop()
 
-    def health(self) -> dict:
+    def report_health(self) -> dict:
         return {"status": "ok", "model": self.model_id, "modalities": sorted(self.session.bundle.modalities),
                 "queued": self.engine.jobs.qsize(), "queue": self.opts.queue, "counts": dict(self.engine.counts),
                 "snapshots": len(self.engine.states), "max_tokens_cap": self.opts.max_tokens_cap}
@@ -232,6 +242,7 @@ def run_serve(args) -> int:
             log.warning("listening on %s without --api-key: anyone who can reach it can use it", opts.host)
         log.info("serving %s at %s  (chat page /, OpenAI API %s/v1; Ctrl-C stops)", server.model_id, server.url,
                  server.url)
+        signal.signal(signal.SIGTERM, _interrupt)        # `kill` stops it as cleanly as Ctrl-C
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -240,3 +251,7 @@ def run_serve(args) -> int:
     finally:
         session.close()
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

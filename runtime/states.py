@@ -4,9 +4,9 @@ The session's KV holds one conversation at a time and `Llm.sync` keeps its longe
 common prefix with the next request. When clients take turns, each request would throw
 away the previous client's cache; this keeps up to `capacity` copies (LRU) and, before a
 request is served, puts back the one that shares the longest prefix with it when that
-beats what the KV holds now. A copy is taken only when the KV is about to lose cells
-(the next request diverges from it), so a single client extending its own chat never
-pays for one.
+beats what the KV holds now. A copy is taken only when the KV is about to lose part of
+the previous request's prompt (the next request belongs to another chat), so a single
+client extending its own chat never pays for one.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ DEFAULT_SNAPSHOTS = 4
 MIN_GAIN_CELLS = 8
 
 
-def common_prefix(a: Sequence, b: Sequence) -> int:
+def count_common_prefix(a: Sequence, b: Sequence) -> int:
     """Length of the longest common prefix of two cell lists."""
     n = 0
     for x, y in zip(a, b):
@@ -37,6 +37,7 @@ class StateCache:
         self.llm = llm
         self.capacity = capacity
         self._states: OrderedDict = OrderedDict()    # tuple(cells) -> LlmState
+        self._prompt_len = 0                         # cells of the last request's prompt
         self.saved = 0
         self.restored = 0
 
@@ -46,13 +47,16 @@ class StateCache:
     def prepare(self, cells: Sequence) -> int:
         """Make the KV the best starting point for `cells`; returns the usable prefix length."""
         if self.capacity <= 0:
-            return common_prefix(self.llm.cells, cells)
-        current = common_prefix(self.llm.cells, cells)
-        if current < len(self.llm.cells):
+            return count_common_prefix(self.llm.cells, cells)
+        current = count_common_prefix(self.llm.cells, cells)
+        # Worth a copy only if this request drops part of the previous *prompt* (another
+        # chat); a chat going on drops at most the tail of its last answer, re-rendered.
+        if current < min(len(self.llm.cells), self._prompt_len):
             self._save_current()
+        self._prompt_len = len(cells)
         best_key, best = None, current
         for key in self._states:
-            n = common_prefix(key, cells)
+            n = count_common_prefix(key, cells)
             if n > best:
                 best_key, best = key, n
         if best_key is None or best - current < MIN_GAIN_CELLS:
