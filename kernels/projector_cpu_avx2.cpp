@@ -1,0 +1,238 @@
+// projector_cpu_avx2.cpp -- AVX2/FMA/F16C linear-layer kernel of the fused projector.
+//
+// Computes one linear layer (+bias, +GELU) over a range of packed weight panels; see
+// GemmJob in projector_cpu_kernels.h.  This translation unit alone is compiled with
+// -mavx2 -mfma -mf16c; projector_cpu.cpp calls it only when __builtin_cpu_supports says
+// the CPU has all three.  Everything here is in an anonymous namespace (no inline function
+// compiled for AVX2 can be picked by the linker for the scalar code).
+// Build: part of libscops_kernels.so (kernels/CMakeLists.txt).
+// Twins: kernels/reference.py (numpy), projector_cpu.cpp (scalar), projector_cuda.cu.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "projector.h"
+#include "projector_cpu_kernels.h"
+
+namespace scops {
+namespace cpu {
+namespace {
+
+// Register tile: 6 rows x 16 columns = 12 ymm accumulators + 2 weight vectors + 1
+// broadcast = 15 of the 16 ymm registers.
+constexpr int kMr = 6;
+
+inline __m256 load_b(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_b(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// exp(x) for x in [-88, 88] (clamped): x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor
+// polynomial (truncation r^7/7! < 1e-7 relative), 2^n assembled in the exponent bits.
+inline __m256 exp_ps(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln2 high part
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);       // ln2 low part
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// GELU(x) = 0.5 x (1 + erf(x / sqrt2)).  With z = |x|/sqrt2, erfc(z) ~ q = poly(t) e^{-z^2},
+// t = 1/(1 + 0.3275911 z) (Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7); then
+// 1 + erf(x/sqrt2) = q for x < 0 (no cancellation) and 2 - q for x >= 0.
+inline __m256 gelu_erf_ps(__m256 x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 z = _mm256_mul_ps(_mm256_andnot_ps(sign, x), _mm256_set1_ps(0.70710678f));
+    __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f),
+                             _mm256_fmadd_ps(z, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
+    __m256 p = _mm256_set1_ps(1.061405429f);
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+    p = _mm256_mul_ps(p, t);
+    __m256 q = _mm256_mul_ps(p, exp_ps(_mm256_mul_ps(_mm256_xor_ps(z, sign), z)));
+    __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+    __m256 one_plus_erf = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.0f), q), q, neg);
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), one_plus_erf);
+}
+
+// tanh GELU: 0.5 x (1 + tanh(u)) = x / (1 + e^{-2u}), u = sqrt(2/pi) (x + 0.044715 x^3).
+inline __m256 gelu_tanh_ps(__m256 x) {
+    __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    __m256 u = _mm256_mul_ps(_mm256_fmadd_ps(x3, _mm256_set1_ps(0.044715f), x),
+                             _mm256_set1_ps(0.7978845608f));
+    __m256 e = exp_ps(_mm256_mul_ps(u, _mm256_set1_ps(-2.0f)));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+// c[r, 0:16*np] = gelu(c + bias) over mr rows (all columns present in c).
+void apply_epilogue(float* c, int64_t ldc, int mr, int np, const float* bias, int gelu) {
+    for (int r = 0; r < mr; ++r) {
+        for (int q = 0; q < 2 * np; ++q) {
+            float* p = c + r * ldc + q * 8;
+            __m256 v = _mm256_loadu_ps(p);
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + q * 8));
+            if (gelu == SCOPS_GELU_ERF) v = gelu_erf_ps(v);
+            else if (gelu == SCOPS_GELU_TANH) v = gelu_tanh_ps(v);
+            _mm256_storeu_ps(p, v);
+        }
+    }
+}
+
+// Register micro-kernel: acc[MR][2NP] = a[MR, kc] * b[kc, 16NP]; panel j of b at
+// b + j * bstride.  The k block is summed in registers from zero; add_c then adds the sums
+// of earlier k blocks already in c (two-level summation: the rounding error grows with
+// sqrt(kKc) + sqrt(k / kKc) instead of sqrt(k)).
+template <int MR, int NP, typename BT>
+void micro(const float* a, int64_t lda, const BT* b, int64_t bstride, int64_t kc, float* c,
+           int64_t ldc, bool add_c) {
+    __m256 acc[MR][2 * NP];
+    for (int r = 0; r < MR; ++r)
+        for (int q = 0; q < 2 * NP; ++q) acc[r][q] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kc; ++k) {
+        __m256 bv[2 * NP];
+        for (int j = 0; j < NP; ++j) {
+            bv[2 * j] = load_b(b + j * bstride + k * kPanel);
+            bv[2 * j + 1] = load_b(b + j * bstride + k * kPanel + 8);
+        }
+        for (int r = 0; r < MR; ++r) {
+            __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+            for (int q = 0; q < 2 * NP; ++q) acc[r][q] = _mm256_fmadd_ps(av, bv[q], acc[r][q]);
+        }
+    }
+    for (int r = 0; r < MR; ++r)
+        for (int q = 0; q < 2 * NP; ++q) {
+            float* p = c + r * ldc + q * 8;
+            _mm256_storeu_ps(p, add_c ? _mm256_add_ps(_mm256_loadu_ps(p), acc[r][q]) : acc[r][q]);
+        }
+}
+
+template <int NP, typename BT>
+void micro_rows(int mr, const float* a, int64_t lda, const BT* b, int64_t bstride, int64_t kc,
+                float* c, int64_t ldc, bool add_c) {
+    // Multi-panel tiles only serve the few-rows path (mr <= kFewRows = 3).
+    constexpr int kMaxMr = NP > 1 ? 3 : kMr;
+    if (mr > kMaxMr) mr = kMaxMr;
+    switch (mr) {
+        case 1: micro<1, NP>(a, lda, b, bstride, kc, c, ldc, add_c); break;
+        case 2: micro<2, NP>(a, lda, b, bstride, kc, c, ldc, add_c); break;
+        case 3: micro<3, NP>(a, lda, b, bstride, kc, c, ldc, add_c); break;
+        case 4: micro<(NP > 1 ? 3 : 4), NP>(a, lda, b, bstride, kc, c, ldc, add_c); break;
+        case 5: micro<(NP > 1 ? 3 : 5), NP>(a, lda, b, bstride, kc, c, ldc, add_c); break;
+        default: micro<(NP > 1 ? 3 : 6), NP>(a, lda, b, bstride, kc, c, ldc, add_c); break;
+    }
+}
+
+// One tile: rows [r, r+mr) x panels [p, p+NP), k block [kb, kb+kc).  A tile that runs past
+// n_valid works in a small buffer so only valid output columns are ever touched.
+template <int NP, typename BT>
+void run_tile(const GemmJob& j, const BT* b, int64_t bstride, int64_t r, int mr, int64_t p,
+              int64_t kb, int64_t kc, bool first, bool last) {
+    const float* a = j.a + r * j.lda + kb;
+    const int64_t col0 = p * kPanel;
+    const float* bias = j.bias ? j.bias + col0 : nullptr;
+    int64_t ncols = j.n_valid - col0;
+    if (ncols >= NP * kPanel) {
+        float* c = j.c + r * j.ldc + col0;
+        micro_rows<NP>(mr, a, j.lda, b, bstride, kc, c, j.ldc, !first);
+        if (last && (bias || j.gelu)) apply_epilogue(c, j.ldc, mr, NP, bias, j.gelu);
+        return;
+    }
+    alignas(32) float tmp[kMr * NP * kPanel];
+    const int64_t ldt = NP * kPanel;
+    for (int i = 0; i < mr; ++i) {
+        if (!first) std::memcpy(tmp + i * ldt, j.c + (r + i) * j.ldc + col0, ncols * sizeof(float));
+    }
+    micro_rows<NP>(mr, a, j.lda, b, bstride, kc, tmp, ldt, !first);
+    if (last && (bias || j.gelu)) apply_epilogue(tmp, ldt, mr, NP, bias, j.gelu);
+    for (int i = 0; i < mr; ++i) std::memcpy(j.c + (r + i) * j.ldc + col0, tmp + i * ldt, ncols * sizeof(float));
+}
+
+// Few rows (<= kFewRows): weights read straight from the packed panels (fp16 converted in
+// registers), NP panels at a time for independent FMA chains.  Same k blocks, hence the
+// same summation order per element, as gemm_many_rows.
+template <typename BT>
+void gemm_few_rows(const GemmJob& j, const BT* b, int64_t p0, int64_t p1) {
+    const int mr = int(j.rows);
+    const int64_t pstride = j.k * kPanel;
+    // NP panels per tile so that mr * 2NP accumulators stay <= 12 registers.
+    const int np = mr == 1 ? 4 : (mr == 2 ? 3 : 2);
+    for (int64_t p = p0; p < p1;) {
+        const int take = p + np <= p1 ? np : 1;
+        for (int64_t kb = 0; kb < j.k; kb += kKc) {
+            const int64_t kc = j.k - kb < kKc ? j.k - kb : kKc;
+            const bool first = kb == 0, last = kb + kc == j.k;
+            const BT* bp = b + p * pstride + kb * kPanel;
+            if (take == 4) run_tile<4>(j, bp, pstride, 0, mr, p, kb, kc, first, last);
+            else if (take == 3) run_tile<3>(j, bp, pstride, 0, mr, p, kb, kc, first, last);
+            else if (take == 2) run_tile<2>(j, bp, pstride, 0, mr, p, kb, kc, first, last);
+            else run_tile<1>(j, bp, pstride, 0, mr, p, kb, kc, first, last);
+        }
+        p += take;
+    }
+}
+
+// Rows of the next register tile when `left` rows remain: 6, except that 8 -> 4 + 4 and
+// 7 -> 4 + 3, because a 1- or 2-row tile has too few FMA chains to hide the FMA latency
+// (4 cycles x 2 pipes needs >= 8 independent accumulators).
+inline int tile_rows(int64_t left) {
+    if (left == 7 || left == 8) return 4;
+    return left < kMr ? int(left) : kMr;
+}
+
+// Many rows: blocked over k (kKc) and rows (kMc); fp16 panel chunks are converted once per
+// (k block, row block) into the thread's scratch and reused by every row tile.
+template <typename BT>
+void gemm_many_rows(const GemmJob& j, const BT* b, int64_t p0, int64_t p1, float* scratch) {
+    const int64_t pstride = j.k * kPanel;
+    for (int64_t kb = 0; kb < j.k; kb += kKc) {
+        const int64_t kc = j.k - kb < kKc ? j.k - kb : kKc;
+        const bool first = kb == 0, last = kb + kc == j.k;
+        for (int64_t rb = 0; rb < j.rows; rb += kMc) {
+            const int64_t re = j.rows - rb < kMc ? j.rows : rb + kMc;
+            for (int64_t p = p0; p < p1; ++p) {
+                const BT* src = b + p * pstride + kb * kPanel;  // [kc][16]
+                const float* bp;
+                if (sizeof(BT) == 2) {
+                    for (int64_t i = 0; i < kc * kPanel; i += 8)
+                        _mm256_storeu_ps(scratch + i, load_b(src + i));
+                    bp = scratch;
+                } else {
+                    bp = reinterpret_cast<const float*>(src);
+                }
+                for (int64_t r = rb; r < re;) {
+                    const int mr = tile_rows(re - r);
+                    run_tile<1>(j, bp, pstride, r, mr, p, kb, kc, first, last);
+                    r += mr;
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void gemm_panels_avx2(const GemmJob& job, int64_t p0, int64_t p1, float* scratch) {
+    if (p0 >= p1) return;
+    if (job.rows <= kFewRows) {
+        if (job.b_f16) gemm_few_rows(job, static_cast<const uint16_t*>(job.b), p0, p1);
+        else gemm_few_rows(job, static_cast<const float*>(job.b), p0, p1);
+    } else {
+        if (job.b_f16) gemm_many_rows(job, static_cast<const uint16_t*>(job.b), p0, p1, scratch);
+        else gemm_many_rows(job, static_cast<const float*>(job.b), p0, p1, scratch);
+    }
+}
+
+}  // namespace cpu
+}  // namespace scops
