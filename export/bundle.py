@@ -4,7 +4,6 @@ it is there. An interrupted export leaves no half bundle (only the temp dir is r
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,17 +11,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from scops.runtime.bundle import sha256_file
+
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
-HASH_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(HASH_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class BundleBuilder:

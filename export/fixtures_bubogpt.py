@@ -12,11 +12,9 @@ included (the original keeps them; the exporter must skip them).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from .bundle import atomic_dir
 from .bubogpt import BUBOGPT_TEMPLATE, ENC, JOIN, LLM_PREFIX, LN_VISION_PREFIX, SYSTEM, VISION_PREFIX
 from .fixtures import TinyShape, _configs, _randomize
 
@@ -130,20 +128,11 @@ def build_bubogpt_tiny(out: Path, shape: TinyShape | None = None) -> Path:
     from .spm import train_tokenizer
 
     shape = shape or TinyShape()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         train_tokenizer(tmp, vocab_size=shape.vocab, extra_text=EXTRA_TEXT)
         n_vocab = spm.SentencePieceProcessor(model_file=str(tmp / "tokenizer.model")).get_piece_size()
         cfg = bubogpt_config(shape, n_vocab)
         save_file(make_state(cfg, shape.seed), str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         (tmp / "scops_fixture.json").write_text(json.dumps({"family": "bubogpt", "shape": shape.__dict__}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)

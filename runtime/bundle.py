@@ -39,7 +39,7 @@ class Bundle:
         return self.path / name
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(HASH_CHUNK), b""):
@@ -86,5 +86,5 @@ def open_bundle(path, verify: bool = True) -> Bundle:
         _require(size == entry.get("bytes"), f"{root}: {name} is {size} bytes, manifest says {entry.get('bytes')}"
                  " (tampered or truncated)")
         if verify:
-            _require(_sha256(p) == entry.get("sha256"), f"{root}: {name} fails its sha256 check (tampered or corrupt)")
+            _require(sha256_file(p) == entry.get("sha256"), f"{root}: {name} fails its sha256 check (tampered or corrupt)")
     return Bundle(root, m)
