@@ -11,6 +11,7 @@ LLM sees) against the fp32 stages, on real photos (scikit-image's samples).
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,10 +40,16 @@ def _size(path: Path) -> int:
 def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
-                     weight_type=QuantType.QInt8, per_channel=False,
-                     use_external_data_format=_size(src) // 4 > EXTERNAL_DATA_BYTES,
-                     extra_options={"MatMulConstBOnly": True})
+    root = logging.getLogger()                 # the quantizer's "consider pre-processing" advice
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
+                         weight_type=QuantType.QInt8, per_channel=False,
+                         use_external_data_format=_size(src) // 4 > EXTERNAL_DATA_BYTES,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
 
 
 def convert_fp16(src: Path, dst: Path) -> None:
@@ -82,13 +89,16 @@ def sample_photos() -> tuple[str, list[np.ndarray]]:
 
 
 def run_chain(paths: list[Path], pixels: np.ndarray) -> np.ndarray:
-    """pixels [B,3,224,224] through the stages in order -> bridge rows [B,Q,Dq]."""
-    x = pixels
-    for p in paths:
-        sess = open_stage(p)
-        x = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-        del sess
-    return x
+    """pixels [B,3,224,224] through the stages in order, one image at a time -> bridge rows [B,Q,Dq]."""
+    sessions = [open_stage(p) for p in paths]
+    out = []
+    for i in range(len(pixels)):
+        x = pixels[i:i + 1]
+        for sess in sessions:
+            x = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        out.append(x)
+    del sessions
+    return np.concatenate(out)
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -106,13 +116,9 @@ def measure_accuracy(ref: list[Path], new: list[Path], projector: dict, preproce
     source, photos = sample_photos()
     pixels = np.stack([preprocess_image(p, preprocess) for p in photos])      # [n, 3, 224, 224]
     w, b = projector["fc1.weight"], projector["fc1.bias"]                     # [D, Dq], [D]
-    cos = []
-    for i in range(len(photos)):                                              # one photo at a time: bounded RAM
-        x = pixels[i:i + 1]
-        rows_ref = run_chain(ref, x) @ w.T + b                                # [1, Q, Dq] -> [1, Q, D]
-        rows_new = run_chain(new, x) @ w.T + b
-        cos.append(row_cosines(rows_ref, rows_new).ravel())
-    cos = np.concatenate(cos)
+    rows_ref = run_chain(ref, pixels) @ w.T + b                               # [n, Q, Dq] -> [n, Q, D]
+    rows_new = run_chain(new, pixels) @ w.T + b
+    cos = row_cosines(rows_ref, rows_new).ravel()                             # [n * Q]
     return {"photos": source, "rows": int(cos.size), "cos_min": float(cos.min()),
             "cos_mean": float(cos.mean()), "passes": bool(cos.min() >= MIN_COSINE), "threshold": MIN_COSINE}
 
@@ -153,3 +159,27 @@ def remove_stage(path: Path) -> None:
     path.unlink(missing_ok=True)
     path.with_name(path.name + ".data").unlink(missing_ok=True)
 
+
+
+def save_optimized(src: Path, dst: Path, level: str = "extended") -> Path:
+    """Save onnxruntime's CPU-optimised graph of `src` (fusions done once, at export).
+
+    "extended" fusions (Attention, SkipLayerNorm, BiasGelu, ...) use com.microsoft ops
+    that only onnxruntime runs, and "all" adds CPU-specific layouts (NCHWc): the result
+    is for onnxruntime's CPU provider only, so the portable graph stays the default stage
+    file and this one is recorded beside it (a CPU runtime may open it instead).
+    """
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[level]
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    if _size(Path(src)) > EXTERNAL_DATA_BYTES:
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", Path(dst).name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    return Path(dst)

@@ -1,0 +1,163 @@
+"""Turn a run's result into report.md (table + targets), report.json and latency.png."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .run import STAGES
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str            # a key of result["ratios"]
+    text: str
+    bound: float
+    higher_is_better: bool
+
+
+# The issue's targets, on minigpt4-small on the 2-core CPU.
+TARGETS = (
+    Target("ttft_vs_hf", "TTFT >= 3x faster than HF fp32", 3.0, True),
+    Target("decode_vs_hf", "decode >= 5x HF fp32", 5.0, True),
+    Target("decode_vs_llama_cpp", "decode >= 0.97x raw llama-cpp-python", 0.97, True),
+    Target("decode_vs_roofline", "decode >= 70% of the bandwidth bound", 0.70, True),
+    Target("turn2_vs_turn1", "turn-2 TTFT <= 0.1x turn-1", 0.10, False),
+    Target("rss_vs_hf", "peak RSS <= 0.35x HF's (HF/scops >= 2.86)", 1 / 0.35, True),
+)
+COLORS = {"preprocess": "#9ecae1", "encoder": "#3182bd", "qformer": "#31a354", "projection": "#fd8d3c",
+          "prefill": "#d62728"}
+
+
+def stage_shapes(result: dict) -> dict:
+    """What each stage maps: tensor shapes from the manifest, cells and tokens from the run."""
+    return {"preprocess": "image -> 1x3x224x224", **result["stage_io"], "prefill": "{cells} cells",
+            "ttft": "image + question -> token 1", "turn2_ttft": "follow-up -> token 1",
+            "decode": "{tokens} tokens"}
+
+
+def backend(system: str, stage: str, result: dict) -> str:
+    quant = result["llm"]["quant"]
+    if system == "hf":
+        return "torch fp32 eager"
+    if system == "llama-cpp":
+        return f"llama-cpp-python {quant}"
+    precision = result["encoder_precision"]["precision"]
+    return {"preprocess": "numpy/PIL", "encoder": f"onnxruntime {precision}", "qformer": f"onnxruntime {precision}",
+            "projection": "scops.kernels"}.get(stage, f"llama.cpp {quant}")
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    shapes = stage_shapes(result)
+    tokens = result["options"]["tokens"]
+    rows = []
+    for system, st in result["stats"].items():
+        cells = result["prompt_cells"].get(system)
+        for stage in STAGES + ("ttft", "turn2_ttft"):
+            if stage in st:
+                s = st[stage]
+                rows.append([stage, shapes[stage].format(cells=cells), backend(system, stage, result),
+                             f"{s['p50']:.1f}", f"{s['p90']:.1f}", ""])
+        d = st["decode_tok_s"]
+        rows.append(["decode", shapes["decode"].format(tokens=tokens), backend(system, "decode", result),
+                     "", "", f"{d['mean']:.2f} ± {d['std']:.2f}"])
+    return rows
+
+
+def check_targets(ratios: dict) -> list[dict]:
+    out = []
+    for t in TARGETS:
+        v = ratios.get(t.key)
+        if v is None or not math.isfinite(v):
+            out.append({"key": t.key, "target": t.text, "value": None, "status": "not measured"})
+            continue
+        ok = v >= t.bound if t.higher_is_better else v <= t.bound
+        # by how much: the factor still needed (miss) or the margin (pass), >1 either way
+        factor = (t.bound / v if not ok else v / t.bound) if t.higher_is_better else \
+            (v / t.bound if not ok else t.bound / v)
+        out.append({"key": t.key, "target": t.text, "value": v, "status": "pass" if ok else "miss",
+                    "factor": factor})
+    return out
+
+
+def render_markdown(result: dict, command: str) -> str:
+    m = result["machine"]
+    lines = [f"# scops bench: {result['shape']}", "",
+             f"Command: `{command}`", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM "
+             f"(1-min load average at start: {m['load_avg_1m']})", "",
+             "| stage | shape | backend | p50 ms | p90 ms | tokens/s ± std |",
+             "|---|---|---|---:|---:|---:|"]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
+    ep = result["encoder_precision"]
+    acc = ep.get("accuracy")
+    lines += ["", f"Encoders: {ep['precision']}" + (
+        f" (projected rows vs fp32 on {acc['photos']}: cos min {acc['cos_min']:.4f}, mean {acc['cos_mean']:.4f})"
+        if acc else "")]
+    rss = ", ".join(f"{s} {b / 2**30:.2f} GiB" for s, b in result["peak_rss_bytes"].items())
+    lines += [f"Peak RSS (each system in its own process): {rss}",
+              f"Memory bandwidth (numpy copy, read + write): {result['bandwidth_bytes_s'] / 1e9:.1f} GB/s; "
+              f"weights read per token {result['weights_bytes_per_token']['bytes'] / 2**20:.0f} MiB "
+              f"-> decode bound {result['decode_bound_tok_s']:.1f} tok/s",
+              f"{result['options']['reps']} repetitions after 1 warm-up, {result['options']['tokens']} decode "
+              f"tokens (EOS ignored, greedy), {result['options']['threads']} threads; "
+              "turn 2 = a text follow-up in the same conversation (KV reused).",
+              _prefix_note(result), "",
+              "| target | ratio | status |", "|---|---:|---|"]
+    for t in result["targets"]:
+        v = "—" if t["value"] is None else f"{t['value']:.3g}"
+        status = t["status"] if t["value"] is None else \
+            f"{t['status']} ({'margin' if t['status'] == 'pass' else 'short by'} {t['factor']:.2f}x)"
+        lines.append(f"| {t['target']} | {v} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def _prefix_note(result: dict) -> str:
+    sc = result["samples"]["scops"][0]
+    if "reused_cells" not in sc:
+        return ""
+    return (f"scops' turn 1 reuses the session's cached prefix (system prompt: {sc['reused_cells']} of "
+            f"{sc['prompt_cells']} cells) and decodes {sc['decoded_cells']}; the peers compute the whole prompt. "
+            f"Turn 2 decodes {sc.get('turn2_decoded_cells')} cells.")
+
+
+def plot_latency(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(result["stats"])                     # scops first, then the peers as run
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for i, system in enumerate(systems):
+        bottom = 0.0
+        for stage in STAGES:
+            v = result["stats"][system].get(stage, {}).get("p50")
+            if v is None:
+                continue
+            ax.bar(i, v, bottom=bottom, color=COLORS[stage], label=stage if i == 0 else None)
+            bottom += v
+    ax.set_xticks(range(len(systems)), systems)
+    ax.set_ylabel("ms (p50) to first token")
+    ax.set_title(f"{result['shape']}: time to first token by stage")
+    ax.legend(fontsize=8)
+    tok = [result["stats"][s]["decode_tok_s"] for s in systems]
+    bx.bar(range(len(systems)), [t["mean"] for t in tok], yerr=[t["std"] for t in tok], color="#756bb1")
+    bx.axhline(result["decode_bound_tok_s"], color="k", ls="--", lw=1, label="bandwidth bound")
+    bx.set_xticks(range(len(systems)), systems)
+    bx.set_ylabel("decode tokens/s")
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(result: dict, out: Path, command: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    result["targets"] = check_targets(result["ratios"])
+    result["command"] = command
+    md = render_markdown(result, command)
+    (out / "report.md").write_text(md)
+    (out / "report.json").write_text(json.dumps(result, indent=1))
+    plot_latency(result, out / "latency.png")
+    return md

@@ -1,0 +1,85 @@
+"""`scops bench` end to end on the tiny shape, and the encoder precision conversions."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+RATIO_KEYS = ("ttft_vs_hf", "decode_vs_hf", "decode_vs_llama_cpp", "decode_vs_roofline", "turn2_vs_turn1",
+              "rss_vs_hf")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_tiny_end_to_end(tmp_path, monkeypatch, capsys):
+    from scops.runtime.cli import main
+
+    monkeypatch.setenv("SCOPS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "report"
+    rc = main(["bench", "--shape", "tiny", "--vs", "hf,llama-cpp", "--reps", "1", "--tokens", "4",
+               "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| stage | shape | backend | p50 ms | p90 ms | tokens/s ± std |" in printed
+    assert "reproduce: scops bench --shape tiny --vs hf,llama-cpp --reps 1 --tokens 4" in printed
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(RATIO_KEYS) <= set(report["ratios"])
+    for key in RATIO_KEYS:
+        v = report["ratios"][key]
+        assert v is not None and math.isfinite(v) and v > 0, (key, v)
+    assert set(report["stats"]) == {"scops", "hf", "llama-cpp"}
+    for system, stats in report["stats"].items():
+        assert stats["ttft"]["p50"] > 0 and stats["decode_tok_s"]["mean"] > 0, system
+        assert report["peak_rss_bytes"][system] > 0
+    assert report["samples"]["scops"][0]["n_tokens"] == 4
+    assert report["encoder_precision"]["precision"] == "int8"
+    assert {t["key"] for t in report["targets"]} == set(RATIO_KEYS)
+    assert all(t["status"] in ("pass", "miss") for t in report["targets"])
+
+    md = (out / "report.md").read_text()
+    assert "|---|---|---|---:|---:|---:|" in md and "| decode |" in md and "scops bench --shape tiny" in md
+    assert (out / "latency.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_encoder_precision_converts_and_measures(bundle, tmp_path, precision):
+    """The tiny bundle's stages in int8 / fp16: they run, and the cosine vs fp32 is recorded."""
+    from safetensors.numpy import load_file
+
+    from scops.export.encoder_precision import convert_stages
+    from scops.export.minigpt4 import BLIP2_IMAGE
+
+    src = bundle("Q4_K_M")
+    for f in ("vision.onnx", "qformer.onnx", "projector.safetensors"):
+        shutil.copy(src / f, tmp_path / f)
+    result = convert_stages(tmp_path, ["vision.onnx", "qformer.onnx"], precision,
+                            load_file(str(tmp_path / "projector.safetensors")), BLIP2_IMAGE, log=lambda s: None)
+    assert result["files"] == {"vision.onnx": f"vision.{precision}.onnx", "qformer.onnx": f"qformer.{precision}.onnx"}
+    acc = result["accuracy"]
+    assert acc["rows"] == 3 * 32 and 0.99 <= acc["cos_min"] <= acc["cos_mean"] <= 1.0 + 1e-9
+    assert acc["passes"]
+    for name in result["files"].values():
+        assert (tmp_path / name).is_file()
+
+
+def test_export_records_precision_in_manifest(tiny_ckpt, tmp_path, photos):
+    """--encoder-precision int8 at export: the manifest points at the int8 graphs, records the
+    measured cosine, and a session serves the bundle."""
+    from scops.export.minigpt4 import export_minigpt4
+    from scops.runtime.session import Session
+
+    path = export_minigpt4(str(tiny_ckpt), tmp_path / "int8", "Q4_K_M", log=lambda s: None,
+                           encoder_precision="int8")
+    m = json.loads((path / "manifest.json").read_text())
+    files = [st["file"] for st in m["modalities"]["image"]["stages"] if st["op"] == "onnx"]
+    assert files == ["vision.int8.onnx", "qformer.int8.onnx"]
+    assert not (path / "vision.onnx").exists()
+    ep = m["encoder_precision"]
+    assert ep["precision"] == "int8" and ep["accuracy"]["cos_min"] >= 0.99
+    with Session.open(path, n_ctx=512) as s:
+        reply = s.chat().send("What is it?", images=[photos["cat"]], temperature=0, max_tokens=4,
+                              ignore_stop=True).result()
+    assert len(reply.token_ids) == 4 and np.isfinite(reply.timings["ttft_ms"])
