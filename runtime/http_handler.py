@@ -320,6 +320,9 @@ def fetch_remote(url: str, limit: int = REMOTE_MAX_BYTES, timeout: float = REMOT
 
 class ScopsHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # listen() backlog: socketserver's default 5 drops SYNs when a burst of clients connects
+    # at once; they would retry seconds later instead of getting their 200 or 429 now.
+    request_queue_size = 128
 
     def __init__(self, app, address: tuple):
         self.app = app

@@ -74,6 +74,7 @@ class Engine:
         self.states = StateCache(session.llm, opts.snapshots)
         self.jobs: queue.Queue = queue.Queue(maxsize=opts.queue)
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+        self._count_lock = threading.Lock()
         self._stop = threading.Event()
         self._current: Job | None = None
         self._thread = threading.Thread(target=self._loop, name="scops-engine", daemon=True)
@@ -85,7 +86,8 @@ class Engine:
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
-            self.counts["rejected"] += 1
+            with self._count_lock:        # handler threads reject concurrently: += is not atomic
+                self.counts["rejected"] += 1
             raise ApiError(429, f"the server is busy ({self.jobs.maxsize} requests already waiting); retry later",
                            type="rate_limit_error", code="queue_full") from None
         return job
