@@ -11,7 +11,9 @@ from .errors import BundleError
 MANIFEST = "manifest.json"
 SUPPORTED_SCHEMA = 1
 HASH_CHUNK = 4 << 20
-STAGE_OPS = ("onnx", "layernorm", "select", "l2norm", "mean_over_clips", "projector", "combine")
+# Stage ops this runtime serves (encode.py); LayerNorm before a projection is a projector flag,
+# and summing several inputs into one row is the bundle-level "combine".
+STAGE_OPS = ("onnx", "select", "l2norm", "mean_over_clips", "projector")
 
 
 @dataclass(frozen=True)

@@ -154,9 +154,6 @@ class Session:
         total = time.perf_counter() - t0
         return refs, {"preprocess_ms": (total - t_enc) * 1e3, "encode_ms": t_enc * 1e3}
 
-    def encode_images(self, sources, instruction: str = "") -> tuple[list[MediaRef], dict]:
-        return self.encode_media("image", sources, instruction)
-
     def _remember(self, key: str, modality: str, rows: np.ndarray) -> None:
         self._media[key] = (modality, rows)
         while len(self._media) > MEDIA_CACHE_ITEMS:
