@@ -84,7 +84,7 @@ std::vector<float> pad_bias(const float* b, int64_t n) {
 
 }  // namespace
 
-void gemm_panels_scalar(const GemmJob& j, int64_t p0, int64_t p1, float* /*scratch*/) {
+void gemm_panels_scalar(const GemmJob& j, int64_t p0, int64_t p1) {
     const int64_t pstride = j.k * kPanel;
     for (int64_t p = p0; p < p1; ++p) {
         const int64_t col0 = p * kPanel, ncols = std::min<int64_t>(kPanel, j.n_valid - col0);
@@ -135,7 +135,6 @@ class CpuProjector final : public scops_projector {
             lnw_.assign(s.ln_w, s.ln_w + s.in);
             lnb_.assign(s.ln_b, s.ln_b + s.in);
         }
-        conv_.resize(size_t(pool_.size()) * cpu::kPanel * cpu::kKc);
         reserve_rows(s.max_rows);
         // Spec keeps no caller pointers past create.
         s_.ln_w = s_.ln_b = s_.b1 = s_.b2 = nullptr;
@@ -190,11 +189,10 @@ class CpuProjector final : public scops_projector {
         const bool parallel = job_.rows * job_.k * job_.n_valid >= 2 * cpu::kMacsPerThread && panels > chunk;
         pool_.parallel_for(panels, chunk, parallel, &CpuProjector::gemm_phase, this);
     }
-    static void gemm_phase(void* ctx, int tid, int64_t p0, int64_t p1) {
+    static void gemm_phase(void* ctx, int /*tid*/, int64_t p0, int64_t p1) {
         auto* self = static_cast<CpuProjector*>(ctx);
-        float* scratch = self->conv_.data() + size_t(tid) * cpu::kPanel * cpu::kKc;
-        if (self->avx2_) cpu::gemm_panels_avx2(self->job_, p0, p1, scratch);
-        else cpu::gemm_panels_scalar(self->job_, p0, p1, scratch);
+        if (self->avx2_) cpu::gemm_panels_avx2(self->job_, p0, p1);
+        else cpu::gemm_panels_scalar(self->job_, p0, p1);
     }
     // LayerNorm over in_dim per row: two passes in double (mean, then variance).
     static void layernorm_phase(void* ctx, int /*tid*/, int64_t r0, int64_t r1) {
@@ -230,7 +228,7 @@ class CpuProjector final : public scops_projector {
     int64_t n1_ = 0, cap_rows_ = 0;
     std::vector<uint8_t> w1_, w2_;  // packed panels
     std::vector<float> b1_, b2_, lnw_, lnb_;
-    std::vector<float> ln_, h_, conv_;  // scratch: [rows, in], [rows, hidden padded], per-thread panels
+    std::vector<float> ln_, h_;  // scratch: [rows, in], [rows, hidden padded]
     const float* x_ = nullptr;
     float* y_ = nullptr;
     GemmJob job_{};

@@ -14,8 +14,8 @@ constexpr int64_t kKc = 256;
 // Row block: 96 rows x 256 k x 4 B = 96 KiB of activations, well inside a 1 MiB L2;
 // 96 = 16 register tiles of 6 rows.
 constexpr int64_t kMc = 96;
-// Rows at or below this take the "few rows" path: fp16 weights are converted in registers
-// and several panels are processed together so the FMA chains stay independent.
+// Rows at or below this take the "few rows" path: several panels are processed together
+// so the FMA chains stay independent.  (Both paths convert fp16 weights in registers.)
 constexpr int64_t kFewRows = 3;
 
 // One linear layer over a range of weight panels:
@@ -37,9 +37,8 @@ struct GemmJob {
     int64_t n_valid;
 };
 
-// scratch: kPanel * kKc floats owned by the calling thread.
-void gemm_panels_scalar(const GemmJob& job, int64_t p0, int64_t p1, float* scratch);
-void gemm_panels_avx2(const GemmJob& job, int64_t p0, int64_t p1, float* scratch);
+void gemm_panels_scalar(const GemmJob& job, int64_t p0, int64_t p1);
+void gemm_panels_avx2(const GemmJob& job, int64_t p0, int64_t p1);
 
 }  // namespace cpu
 }  // namespace scops
