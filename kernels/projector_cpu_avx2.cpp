@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "projector.h"
 #include "projector_cpu_kernels.h"
@@ -117,6 +118,20 @@ void micro(const float* a, int64_t lda, const BT* b, int64_t bstride, int64_t kc
     for (int r = 0; r < MR; ++r)
         for (int q = 0; q < 2 * NP; ++q) acc[r][q] = _mm256_setzero_ps();
     for (int64_t k = 0; k < kc; ++k) {
+        if constexpr (std::is_same<BT, uint16_t>::value && MR > 1 && NP > 1 && !kSide) {
+            // fp16, several rows and panels: the converted weights must sit in registers
+            // (no memory operand), and MR x 2NP accumulators + 2NP weight vectors + a
+            // broadcast exceed 16 ymm (spills: 3x1024x5120 ran at half the fp32 speed).
+            // So hold the MR broadcasts and convert one weight vector at a time: the same
+            // FMAs into the same accumulators in the same k order (bit-identical).
+            __m256 av[MR];
+            for (int r = 0; r < MR; ++r) av[r] = _mm256_broadcast_ss(a + r * lda + k);
+            for (int q = 0; q < 2 * NP; ++q) {
+                const __m256 bq = load_b(b + (q / 2) * bstride + k * kPanel + (q % 2) * 8);
+                for (int r = 0; r < MR; ++r) acc[r][q] = _mm256_fmadd_ps(av[r], bq, acc[r][q]);
+            }
+            continue;
+        }
         __m256 bv[2 * NP];
         for (int j = 0; j < NP; ++j) {
             bv[2 * j] = load_b(b + j * bstride + k * kPanel);
