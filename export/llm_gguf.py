@@ -346,6 +346,9 @@ def quantize_gguf(in_path: Path | str, out_path: Path | str, qtype: str = "Q4_K_
 
     import llama_cpp
 
+    from scops.runtime.llm import init_backend
+
+    init_backend()          # llama.cpp's per-tensor chatter goes to the debug log; errors still raise
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
         raise FileNotFoundError(in_path)

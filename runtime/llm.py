@@ -29,7 +29,7 @@ _BACKEND_READY = False
 _LOG_CALLBACK = None
 
 
-def _init_backend() -> None:
+def init_backend() -> None:
     """llama_backend_init once per process; llama.cpp's own chatter goes to our debug log."""
     global _BACKEND_READY, _LOG_CALLBACK
     if _BACKEND_READY:
@@ -79,7 +79,7 @@ class Llm:
     def __init__(self, path: str, opts: LlmOptions = LlmOptions()):
         import llama_cpp as L
         self.L = L
-        _init_backend()
+        init_backend()
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = opts.n_gpu_layers
         self.model = L.llama_model_load_from_file(str(path).encode(), mparams)
