@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .assemble import FamilyExport, assemble_bundle, load_state, resolve_source
-from .minigpt4 import BLIP2_IMAGE, build_vision, projector_record, vision_spec
+from .assemble import FamilyExport, assemble_bundle, resolve_source
+from .minigpt4 import BLIP2_IMAGE, build_qformer, build_vision, projector_record, vision_spec
 from .onnx_stages import OnnxStageSpec, TensorSpec
 
 FAMILY = "instructblip"
@@ -36,34 +36,6 @@ INSTRUCTBLIP_TEMPLATE = {
     "bos": True,
     "stop": [],
 }
-
-
-def build_qformer_with_text(config, src: Path):
-    """queries + instruction tokens in self-attention; -> the 32 query rows [B,32,Dq]."""
-    import torch
-    from transformers import InstructBlipQFormerModel
-
-    class QFormer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            config.qformer_config._attn_implementation = "eager"
-            self.qformer = InstructBlipQFormerModel(config.qformer_config)
-            self.query_tokens = torch.nn.Parameter(
-                torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
-
-        def forward(self, image_embeds, input_ids, attention_mask):
-            n_q = self.query_tokens.shape[1]
-            query = self.query_tokens.expand(image_embeds.shape[0], -1, -1)   # [1,Q,D] -> [B,Q,D]
-            mask = torch.cat([torch.ones(query.shape[:-1], dtype=attention_mask.dtype), attention_mask], dim=1)
-            out = self.qformer(input_ids=input_ids, attention_mask=mask, query_embeds=query,
-                               encoder_hidden_states=image_embeds,
-                               encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long))
-            return out.last_hidden_state[:, :n_q, :]                            # [B,Q+T,D] -> [B,Q,D]
-
-    m = QFormer()
-    m.qformer.load_state_dict(load_state(src, "qformer."))
-    m.query_tokens.data.copy_(load_state(src, "query_tokens")[""])
-    return m.eval()
 
 
 def find_qformer_tokenizer(src: Path) -> Path:
@@ -100,7 +72,7 @@ def export_instructblip(src: str, out: Path, quant: str = "Q4_K_M",
     fam = FamilyExport(
         family=FAMILY,
         stages=((lambda: build_vision(InstructBlipVisionModel, config, src_dir), vspec),
-                (lambda: build_qformer_with_text(config, src_dir), qspec)),
+                (lambda: build_qformer(config, src_dir, with_text=True), qspec)),
         projection_prefix="language_projection.", llm_prefix="language_model.", text_config=text_cfg,
         template=INSTRUCTBLIP_TEMPLATE,
         extra_files=((QFORMER_TOKENIZER, lambda path: shutil.copyfile(tok, path)),),

@@ -57,24 +57,35 @@ def build_vision(vision_cls, config, src: Path):
     return m.eval()
 
 
-def build_qformer(config, src: Path):
-    """32 learned queries cross-attending to image_embeds: -> query_output [B,32,Dq]."""
+def build_qformer(config, src: Path, with_text: bool = False):
+    """32 learned queries cross-attending to image_embeds -> query_output [B,32,Dq].
+
+    with_text (InstructBLIP): the instruction's tokens join the queries in self-attention
+    (forward(image_embeds, input_ids, attention_mask)); only the 32 query rows come out.
+    """
     import torch
-    from transformers import Blip2QFormerModel
+    from transformers import Blip2QFormerModel, InstructBlipQFormerModel
 
     class QFormer(torch.nn.Module):
         def __init__(self):
             super().__init__()
             config.qformer_config._attn_implementation = "eager"
-            self.qformer = Blip2QFormerModel(config.qformer_config)
+            cls = InstructBlipQFormerModel if with_text else Blip2QFormerModel
+            self.qformer = cls(config.qformer_config)
             self.query_tokens = torch.nn.Parameter(
                 torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
 
-        def forward(self, image_embeds):
+        def forward(self, image_embeds, input_ids=None, attention_mask=None):
+            n_q = self.query_tokens.shape[1]
             query = self.query_tokens.expand(image_embeds.shape[0], -1, -1)   # [1,Q,D] -> [B,Q,D]
-            mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
-            return self.qformer(query_embeds=query, encoder_hidden_states=image_embeds,
-                                encoder_attention_mask=mask).last_hidden_state
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
+            text = {}
+            if with_text:
+                ones = torch.ones(query.shape[:-1], dtype=attention_mask.dtype)
+                text = {"input_ids": input_ids, "attention_mask": torch.cat([ones, attention_mask], dim=1)}
+            out = self.qformer(query_embeds=query, encoder_hidden_states=image_embeds,
+                               encoder_attention_mask=image_mask, **text).last_hidden_state
+            return out[:, :n_q, :]                                            # [B,Q(+T),D] -> [B,Q,D]
 
     m = QFormer()
     m.qformer.load_state_dict(load_state(src, "qformer."))
