@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,6 @@ class Stats:
     media_cache_hits: int = 0
     cells_reused: int = 0
     cells_decoded: int = 0
-    timings: dict = field(default_factory=dict)
 
 
 class Session:
@@ -81,7 +80,8 @@ class Session:
             self.llm.close()
             raise BundleError(msg)
         self._media: OrderedDict = OrderedDict()     # key -> (modality, bridge rows [Q, D])
-        self._base: OrderedDict = OrderedDict()      # picture key -> instruction-free stage outputs
+        # input key -> instruction-free stage outputs (kept only where a Q-Former reads the question)
+        self._base: OrderedDict = OrderedDict()
         instr = bundle.modalities.get("image", {}).get("instruction")
         self.instruction_tok = InstructionTokenizer(bundle, instr) if instr else None
         self.active = None                           # the Reply generating now, if any
@@ -128,25 +128,27 @@ class Session:
         base_keys = [f"{modality}:{kind.key(d)}" for d in decoded]
         salt = "|q:" + content_hash(np.frombuffer(instruction.encode(), np.uint8)) if enc.uses_instruction else ""
         refs = [MediaRef(modality, k + salt) for k in base_keys]
-        t_prep = t_enc = 0.0
+        t_enc = 0.0
         for ref, k, d in zip(refs, base_keys, decoded):
             if ref.key in self._media:
                 self.stats.media_cache_hits += 1
                 continue
-            if k not in self._base:
-                t1 = time.perf_counter()
+            base = self._base.get(k)
+            if base is None:
                 batch = kind.prepare(d, spec)                        # [N, ...]: N clips / crops / 1
-                t2 = time.perf_counter()
-                self._base[k] = enc.encode_base(batch)
+                t1 = time.perf_counter()
+                base = enc.encode_base(batch)
                 self.stats.encoder_runs += 1
-                t_prep, t_enc = t_prep + t2 - t1, t_enc + time.perf_counter() - t2
-                while len(self._base) > MEDIA_CACHE_ITEMS:
-                    self._base.popitem(last=False)
-            t2 = time.perf_counter()
+                t_enc += time.perf_counter() - t1
+                if enc.uses_instruction:     # only then is the base needed again (a new question)
+                    self._base[k] = base
+                    while len(self._base) > MEDIA_CACHE_ITEMS:
+                        self._base.popitem(last=False)
+            t1 = time.perf_counter()
             instr = self.instruction_tok.encode(instruction) if enc.uses_instruction else None
-            rows = enc.encode_rows(self._base[k], instr)[0]             # [1, Q, D] -> [Q, D]
+            rows = enc.encode_rows(base, instr)[0]                      # [1, Q, D] -> [Q, D]
             self._remember(ref.key, modality, np.ascontiguousarray(rows))
-            t_enc += time.perf_counter() - t2
+            t_enc += time.perf_counter() - t1
         for r, k in zip(refs, base_keys):
             self._media.move_to_end(r.key)
             if k in self._base:
