@@ -60,7 +60,7 @@ class Conversation:
         if role not in ("user", "assistant"):
             raise OptionError(f"role must be 'user' or 'assistant', not {role!r}")
         refs = self._encode(media, text)[0]
-        self.messages.append(Message(role, text if role == "user" else clean_answer(text, []), refs))
+        self.messages.append(Message(role, text if role == "user" else clean_answer(text), refs))
 
     def _encode(self, media: dict, instruction: str) -> tuple[list, dict]:
         """media: {"images": [...], "audios": [...], ...} -> refs (in SEND_ARGS order), timings."""
@@ -180,7 +180,7 @@ class Reply:
             if sampler is not None:
                 llm.free_sampler(sampler)
             if added:
-                self.conv.messages.append(Message("assistant", clean_answer(self.text, [])))
+                self.conv.messages.append(Message("assistant", clean_answer(self.text)))
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"
             if session.active is self:
@@ -204,11 +204,12 @@ class Reply:
                 self.finish_reason = "stop"
                 break
             self.token_ids.append(tok)
+            seen = max(0, len(full) - holdback)      # text before this can hold no stop string
             full += decoder.decode(llm.piece(tok))
             if emitted == 0:
                 full = full.lstrip()
             self.offsets.append(len(full))
-            cut = min((i for i in (full.find(s) for s in stops) if i >= 0), default=-1)
+            cut = min((i for i in (full.find(s, seen) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
                 full = full[:cut]
                 self.finish_reason = "stop"

@@ -73,10 +73,7 @@ def to_cells(segments: list, tokenize, rows_of, add_bos: bool) -> list:
     return cells
 
 
-def clean_answer(text: str, stops: list[str]) -> str:
-    """What the history keeps of an answer: cut at the first stop string, stripped."""
-    for s in stops:
-        i = text.find(s)
-        if i >= 0:
-            text = text[:i]
+def clean_answer(text: str) -> str:
+    """What the history keeps of an answer (generation already cut it at the stop string):
+    stripped, as MiniGPT-4's Chat.answer stores it."""
     return text.strip()
