@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .assemble import FamilyExport, assemble_bundle, resolve_source
-from .minigpt4 import BLIP2_IMAGE, build_qformer, build_vision, projector_record, vision_spec
+from .assemble import FamilyExport, assemble_bundle
+from .minigpt4 import BLIP2_IMAGE, build_qformer, build_vision, load_config, projector_record, vision_spec
 from .onnx_stages import OnnxStageSpec, TensorSpec
 
 FAMILY = "instructblip"
@@ -52,12 +52,7 @@ def export_instructblip(src: str, out: Path, quant: str = "Q4_K_M",
         raise ValueError("instructblip: --encoder-precision other than fp32 is not supported yet")
     from transformers import InstructBlipConfig, InstructBlipVisionModel
 
-    src_dir = resolve_source(src)
-    config = InstructBlipConfig.from_pretrained(src_dir)
-    if config.model_type != "instructblip":
-        raise ValueError(f"{src}: a {config.model_type} checkpoint, not InstructBLIP")
-    if config.text_config.model_type != "llama":
-        raise ValueError(f"{src}: text model is {config.text_config.model_type}; scops serves LLaMA/Vicuna")
+    src_dir, config = load_config(InstructBlipConfig, src, "instructblip")
     tok = find_qformer_tokenizer(src_dir)
     text_cfg = config.text_config.to_dict()
     vspec = vision_spec(config)

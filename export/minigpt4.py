@@ -107,16 +107,22 @@ def projector_record(config, text_config: dict) -> dict:
             "out_dim": int(text_config["hidden_size"]), "bias": True}
 
 
+def load_config(config_cls, src: str, model_type: str) -> tuple[Path, object]:
+    """The source folder and its HF config, which must be `model_type` with a LLaMA text model."""
+    src_dir = resolve_source(src)
+    config = config_cls.from_pretrained(src_dir)
+    if config.model_type != model_type:
+        raise ValueError(f"{src}: a {config.model_type} checkpoint, not {model_type}")
+    if config.text_config.model_type != "llama":
+        raise ValueError(f"{src}: text model is {config.text_config.model_type}; scops serves LLaMA/Vicuna")
+    return src_dir, config
+
+
 def export_minigpt4(src: str, out: Path, quant: str = "Q4_K_M",
                     log: Callable[[str], None] = print, encoder_precision: str = "fp32") -> Path:
     from transformers import Blip2Config, Blip2VisionModel
 
-    src_dir = resolve_source(src)
-    config = Blip2Config.from_pretrained(src_dir)
-    if config.model_type != "blip-2":
-        raise ValueError(f"{src}: a {config.model_type} checkpoint, not BLIP-2 (try --family {config.model_type})")
-    if config.text_config.model_type != "llama":
-        raise ValueError(f"{src}: text model is {config.text_config.model_type}; scops serves LLaMA/Vicuna")
+    src_dir, config = load_config(Blip2Config, src, "blip-2")
     text_cfg = config.text_config.to_dict()
     vspec = vision_spec(config)
     qspec = OnnxStageSpec(
