@@ -12,7 +12,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_T
 KERNEL_SRC := CMakeLists.txt $(wildcard kernels/*.h kernels/*.c kernels/*.cpp kernels/*.cu kernels/CMakeLists.txt)
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean system-deps
+.PHONY: setup test test-slow demo clean system-deps
 setup: $(VENV)/.stamp-pkg
 
 $(VENV)/.stamp-deps: pyproject.toml Makefile
@@ -42,6 +42,10 @@ system-deps:
 
 test: setup system-deps
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# the long checks (marked `slow`): repeated kill trials, long conversations, ...
+test-slow: setup system-deps
+	$(VENV)/bin/pytest -q -m slow $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/scops demo
