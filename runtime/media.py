@@ -1,10 +1,10 @@
-"""ImageBind-family media preprocessing without torch: audio, video, depth, thermal, IMU.
+"""ImageBind-family media preprocessing without torch: video, image, depth, thermal, IMU
+(audio: runtime/audio.py), and the clip sampler and bilinear weights both share.
 
 Each function reproduces a transform of the originals (facebookresearch/ImageBind
-imagebind/data.py; PandaGPT code/model/ImageBind/data.py; BuboGPT
-bubogpt/processors/imagebind_audio_processor.py and imagebind/data/data_utils.py) and
-returns float32 arrays laid out as the ONNX stages of export/imagebind.py take them,
-one row per clip (x crop). Every failure is one `InputError` line naming the input.
+imagebind/data.py; PandaGPT code/model/ImageBind/data.py) and returns float32 arrays
+laid out as the ONNX stages of export/imagebind.py take them, one row per clip (x crop).
+Every failure is one `InputError` line naming the input.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import io
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -20,46 +19,15 @@ import numpy as np
 from .errors import InputError
 from .preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, _read_bytes, decode_image, preprocess_image
 
-# 10 minutes: far above the 3 x 2 s (ImageBind) or 6 x 5 s (BuboGPT) the models read;
-# longer inputs are refused from the header, before any sample is decoded.
-MAX_AUDIO_SECONDS = 600.0
-# 10 min of 8-channel 48 kHz 24-bit PCM is 414 MB; 512 MiB bounds any sane upload.
-MAX_AUDIO_BYTES = 512 << 20
 MAX_VIDEO_SECONDS = 600.0
 MAX_VIDEO_FRAMES = 600 * 120          # 10 min at 120 fps
 MAX_VIDEO_BYTES = 2 << 30
 MAX_VIDEO_PIXELS = 8192 * 4320        # 8K frame
-# Sample-rate reductions whose sinc kernel exceeds this many taps go to soxr instead
-# (e.g. 44101 Hz: 16000 phases x 88k taps); every common rate stays on the exact path.
-MAX_RESAMPLE_TAPS = 4_000_000
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # load_and_transform_vision_data: Resize(224, bicubic) + CenterCrop(224) + CLIP mean/std
 IMAGEBIND_IMAGE_SPEC = {"size": 224, "resize": "short_side_crop", "interpolation": "bicubic",
                         "mean": CLIP_MEAN, "std": CLIP_STD}
-
-
-@dataclass(frozen=True)
-class AudioOptions:
-    """ImageBind / PandaGPT defaults (load_and_transform_audio_data)."""
-    sample_rate: int = 16000
-    clip_seconds: int = 2
-    clips: int = 3
-    mel_bins: int = 128
-    target_frames: int = 204
-    mean: float = -4.268
-    std: float = 9.138
-    repeat_short: bool = False   # BuboGPT waveform_resample: tile audio shorter than a clip
-    global_clip: bool = False    # BuboGPT use_global: the whole waveform as one more clip
-    fit: str = "pad_crop"        # "pad_crop" (ImageBind) | "pad_resize" (BuboGPT)
-    antialias: bool = False      # torchvision Resize on tensors before 0.17 (BuboGPT's era)
-
-
-IMAGEBIND_AUDIO = AudioOptions()
-# eval_configs/mmgpt4_eval.yaml: imagebind_audio_eval, clip_duration 5, clips_per_video 6. The yaml
-# also says use_global: True, but ImageBindAudioEvalProcessor.from_config never passes it on,
-# so the released eval path runs 6 clips, no global one.
-BUBOGPT_AUDIO = AudioOptions(clip_seconds=5, clips=6, repeat_short=True, global_clip=False, fit="pad_resize")
 
 
 @dataclass(frozen=True)
@@ -70,112 +38,6 @@ class VideoOptions:
     frames_per_clip: int = 2
     size: int = 224
     crops: int = 3
-
-
-def decode_audio(src) -> tuple[np.ndarray, int, str]:
-    """wav / flac / ogg / mp3 (libsndfile) -> (first channel float32 [N], rate, name).
-    The first channel: torchaudio's kaldi fbank reads channel 0 of what the original loads."""
-    import soundfile as sf
-
-    data, name = _read_bytes(src, "audio", MAX_AUDIO_BYTES)
-    try:
-        f = sf.SoundFile(io.BytesIO(data))
-    except Exception:
-        raise InputError(f"{name}: not an audio file (unrecognised format)") from None
-    with f:
-        rate, frames = int(f.samplerate), int(f.frames)
-        if rate < 1000 or rate > 768_000:
-            raise InputError(f"{name}: sample rate {rate} Hz is out of range (1 kHz - 768 kHz)")
-        if frames <= 0:
-            raise InputError(f"{name}: audio has no samples")
-        if frames / rate > MAX_AUDIO_SECONDS:
-            raise InputError(f"{name}: {frames / rate:.1f} s is over the {MAX_AUDIO_SECONDS:.0f} s audio limit")
-        try:
-            out = np.concatenate([b[:, 0] for b in f.blocks(blocksize=1 << 18, dtype="float32", always_2d=True)])
-        except Exception as e:
-            raise InputError(f"{name}: corrupt audio ({e})") from None
-    if out.size == 0:
-        raise InputError(f"{name}: audio has no samples")
-    if not np.all(np.isfinite(out)):
-        raise InputError(f"{name}: audio has NaN or infinite samples")
-    return out, rate, name
-
-
-@lru_cache(maxsize=16)
-def _sinc_kernel(orig: int, new: int, zeros: int = 6, rolloff: float = 0.99) -> tuple[np.ndarray, int]:
-    """torchaudio.functional.resample's kernel (sinc_interp_hann, lowpass_filter_width 6,
-    rolloff 0.99) for the reduced rates orig -> new: [new, 2*width + orig] float32."""
-    base = min(orig, new) * rolloff
-    width = math.ceil(zeros * orig / base)
-    idx = np.arange(-width, width + orig, dtype=np.float64)[None, :] / orig
-    t = (np.arange(0, -new, -1, dtype=np.float64)[:, None] / new + idx) * base   # [new, taps]
-    t = np.clip(t, -zeros, zeros)
-    window = np.cos(t * math.pi / zeros / 2) ** 2
-    t = t * math.pi
-    safe = np.where(t == 0, 1.0, t)
-    kernel = np.where(t == 0, 1.0, np.sin(safe) / safe) * window * (base / orig)
-    return kernel.astype(np.float32), width
-
-
-def resample_audio(x: np.ndarray, orig: int, new: int) -> np.ndarray:
-    """Polyphase windowed-sinc resampling, numerically torchaudio.functional.resample
-    (what ImageBind/PandaGPT/BuboGPT call); soxr "VHQ" for rates whose exact kernel is huge."""
-    if orig == new:
-        return x.astype(np.float32, copy=False)
-    o, n = orig // math.gcd(orig, new), new // math.gcd(orig, new)
-    width = math.ceil(6 * o / (min(o, n) * 0.99))
-    if n * (2 * width + o) > MAX_RESAMPLE_TAPS:
-        import soxr
-        return soxr.resample(x, orig, new, quality="VHQ").astype(np.float32)
-    kernel, width = _sinc_kernel(o, n)
-    padded = np.pad(x.astype(np.float32), (width, width + o))
-    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel.shape[1])[::o]  # [J, taps] view
-    out = np.empty((windows.shape[0], n), np.float32)
-    step = max(1, (1 << 22) // kernel.shape[1])
-    for i in range(0, windows.shape[0], step):                  # bounded temporary memory
-        out[i:i + step] = windows[i:i + step] @ kernel.T        # [rows, taps] @ [taps, n]
-    target = math.ceil(n * x.shape[0] / o)
-    return out.reshape(-1)[:target]                             # [J, n] -> [J * n] -> [target]
-
-
-@lru_cache(maxsize=8)
-def _mel_banks(mel_bins: int, fft: int, rate: int, low: float = 20.0) -> np.ndarray:
-    """torchaudio.compliance.kaldi.get_mel_banks (high_freq 0 -> Nyquist, no VTLN):
-    [mel_bins, fft // 2 + 1], the Nyquist column zero. A triangle that holds no FFT bin
-    stays all-zero (128 bins at 16 kHz: bin 3), which kaldi-native-fbank refuses."""
-    mel = lambda f: 1127.0 * np.log1p(np.asarray(f, np.float64) / 700.0)  # noqa: E731
-    lo, hi = mel(low), mel(rate / 2)
-    delta = (hi - lo) / (mel_bins + 1)
-    left = lo + np.arange(mel_bins)[:, None] * delta
-    center, right = left + delta, left + 2 * delta
-    freqs = mel(np.arange(fft // 2) * rate / fft)[None, :]
-    up, down = (freqs - left) / (center - left), (right - freqs) / (right - center)
-    banks = np.maximum(0.0, np.minimum(up, down))
-    return np.pad(banks, ((0, 0), (0, 1)))                      # [bins, fft/2] -> [bins, fft/2 + 1]
-
-
-def kaldi_fbank(x: np.ndarray, rate: int, mel_bins: int = 128) -> np.ndarray:
-    """torchaudio.compliance.kaldi.fbank as ImageBind calls it: 25 ms / 10 ms frames,
-    snip_edges, dither 0, DC removal, pre-emphasis 0.97, symmetric Hann ("hanning"),
-    FFT 512 (power of two), power spectrum, mel banks from 20 Hz, log (floor: float32
-    eps), htk_compat with use_energy False (no energy column) -> [frames, mel_bins]."""
-    size, shift = int(rate * 0.025), int(rate * 0.010)         # 400 / 160 samples at 16 kHz
-    fft = 1 << (size - 1).bit_length()                          # 512
-    count = 1 + (len(x) - size) // shift if len(x) >= size else 0
-    out = np.empty((count, mel_bins), np.float32)
-    if count == 0:
-        return out
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(size) / (size - 1))
-    banks = _mel_banks(mel_bins, fft, rate).T                   # [fft/2 + 1, bins]
-    frames_all = np.lib.stride_tricks.sliding_window_view(x, size)[::shift]  # [count, size] view
-    eps = float(np.finfo(np.float32).eps)
-    for i in range(0, count, 4096):
-        fr = frames_all[i:i + 4096].astype(np.float64)
-        fr = fr - fr.mean(axis=1, keepdims=True)
-        fr = fr - 0.97 * np.concatenate([fr[:, :1], fr[:, :-1]], axis=1)     # x[i] - 0.97 x[i-1]
-        power = np.abs(np.fft.rfft(fr * window, n=fft)) ** 2   # [rows, fft/2 + 1]
-        out[i:i + 4096] = np.log(np.maximum(power @ banks, eps))
-    return out
 
 
 def clip_starts(duration: float, clip_seconds: int, clips: int) -> list[Fraction]:
@@ -206,43 +68,6 @@ def _linear_resize_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray
     np.add.at(w, (np.arange(n_out), i0), 1.0 - lam)
     np.add.at(w, (np.arange(n_out), i1), lam)
     return w
-
-
-def fit_frames(fbank: np.ndarray, target: int, fit: str, antialias: bool = False) -> np.ndarray:
-    """[frames, mel] -> [mel, target]: zero-pad short spectrograms on the right; longer
-    ones cropped (ImageBind waveform2melspec) or resized bilinearly (BuboGPT)."""
-    spec = fbank.T                                              # [frames, mel] -> [mel, frames]
-    n = spec.shape[1]
-    if n < target:
-        return np.pad(spec, ((0, 0), (0, target - n)))
-    if n == target or fit == "pad_crop":
-        return np.ascontiguousarray(spec[:, :target])
-    return (spec @ _linear_resize_weights(n, target, antialias).T).astype(np.float32)  # [mel, n] @ [n, target]
-
-
-def audio_clips(x: np.ndarray, rate: int, opts: AudioOptions = IMAGEBIND_AUDIO) -> np.ndarray:
-    """Decoded first-channel samples -> float32 [clips, 1, mel_bins, target_frames]."""
-    sr = opts.sample_rate
-    wave = resample_audio(x, rate, sr)
-    if opts.repeat_short and len(wave) <= opts.clip_seconds * sr:
-        # waveform_resample: tile int(c / D) + 1 times, keep exactly c seconds
-        reps = int(opts.clip_seconds / (len(wave) / sr)) + 1
-        wave = np.tile(wave, reps)[:opts.clip_seconds * sr]
-    starts = clip_starts(len(wave) / sr, opts.clip_seconds, opts.clips)
-    pieces = [wave[int(s * sr):int((s + opts.clip_seconds) * sr)] for s in starts]
-    if opts.global_clip:
-        pieces.append(wave)
-    out = np.empty((len(pieces), 1, opts.mel_bins, opts.target_frames), np.float32)
-    for k, piece in enumerate(pieces):
-        spec = kaldi_fbank(piece - piece.mean() if len(piece) else piece, sr, opts.mel_bins)
-        out[k, 0] = fit_frames(spec, opts.target_frames, opts.fit, opts.antialias)
-    return (out - np.float32(opts.mean)) / np.float32(opts.std)
-
-
-def preprocess_audio(src, opts: AudioOptions = IMAGEBIND_AUDIO) -> np.ndarray:
-    """An audio file (path or bytes) -> float32 [clips, 1, 128, 204]."""
-    x, rate, _ = decode_audio(src)
-    return audio_clips(x, rate, opts)
 
 
 def _open_video(src):

@@ -1,7 +1,7 @@
 """Media kinds: how each modality's input is decoded (the cache key is the hash of what
 decoding gives) and prepared into the first encoder stage's batch (clips, crops, ...).
 
-All numpy + Pillow + soundfile/av (runtime/media.py): no torch.
+All numpy + Pillow + soundfile/av (runtime/audio.py, runtime/media.py): no torch.
 """
 from __future__ import annotations
 
@@ -40,18 +40,18 @@ def _hash_bytes(data: bytes) -> str:
 
 
 def _audio_options(spec: dict):
-    from .media import BUBOGPT_AUDIO, IMAGEBIND_AUDIO
+    from .audio import BUBOGPT_AUDIO, IMAGEBIND_AUDIO
     return {"imagebind": IMAGEBIND_AUDIO, "bubogpt": BUBOGPT_AUDIO}[spec.get("recipe", "imagebind")]
 
 
 def _decode_audio(src, spec):
-    from .media import decode_audio
+    from .audio import decode_audio
     x, rate, _ = decode_audio(src)
     return x, rate
 
 
 def _prepare_audio(decoded, spec):
-    from .media import audio_clips
+    from .audio import audio_clips
     x, rate = decoded
     return audio_clips(x, rate, _audio_options(spec))           # [clips, 1, 128, 204]
 

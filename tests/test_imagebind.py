@@ -14,7 +14,7 @@ import torch
 from scops.export.imagebind import (ENCODER_USES, build_imagebind, embed_clips, export_imagebind,
                                     imagebind_stage_specs, load_imagebind_state, make_encoder)
 from scops.export.imagebind_modules import Attention, ImageBind, ImageBindSizes
-from scops.runtime import media
+from scops.runtime import audio, media
 from scops.runtime.errors import InputError
 
 # Keys and shapes of the released checkpoint, read from facebookresearch/ImageBind
@@ -127,7 +127,7 @@ def test_runtime_audio_through_onnx_equals_reference(tiny, tmp_path):
     import onnxruntime as ort
     export_imagebind(tiny, ["audio_tokens"], tmp_path, log=lambda s: None)
     t = np.arange(16000 * 7) / 16000
-    clips = media.audio_clips(np.sin(2 * np.pi * 330 * t).astype(np.float32), 16000, media.BUBOGPT_AUDIO)
+    clips = audio.audio_clips(np.sin(2 * np.pi * 330 * t).astype(np.float32), 16000, audio.BUBOGPT_AUDIO)
     sess = ort.InferenceSession(str(tmp_path / "imagebind_audio_tokens.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"fbank": clips})[0].mean(axis=0)                      # mean_over_clips
     want = embed_clips(tiny, "audio_tokens", torch.from_numpy(clips)).numpy()
@@ -164,7 +164,7 @@ def test_fbank_matches_reference_and_kaldi_native_fbank():
     rng = np.random.default_rng(0)
     t = np.arange(16000) / 16000
     x = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
-    got = media.kaldi_fbank(x, 16000, 128)
+    got = audio.kaldi_fbank(x, 16000, 128)
     assert got.shape == (98, 128)                     # 1 + (16000 - 400) // 160
     assert np.abs(got - _reference_fbank(x, 16000, 128)).max() < 1e-3
     assert np.all(got[:, 3] == np.float32(np.log(np.finfo(np.float32).eps)))  # empty triangle
@@ -176,7 +176,7 @@ def test_fbank_matches_reference_and_kaldi_native_fbank():
     fb.accept_waveform(16000, x)
     fb.input_finished()
     theirs = np.stack([fb.get_frame(i) for i in range(fb.num_frames_ready)])
-    assert np.abs(media.kaldi_fbank(x, 16000, 80) - theirs).max() < 1e-3
+    assert np.abs(audio.kaldi_fbank(x, 16000, 80) - theirs).max() < 1e-3
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
@@ -196,7 +196,7 @@ def test_resample_matches_torchaudio_algorithm(rate):
     wave = torch.nn.functional.pad(torch.from_numpy(x)[None], (width, width + o))
     ref = torch.nn.functional.conv1d(wave[:, None], kern, stride=o).transpose(1, 2).reshape(-1)
     ref = ref[:math.ceil(n * len(x) / o)].numpy()
-    got = media.resample_audio(x, rate, 16000)
+    got = audio.resample_audio(x, rate, 16000)
     assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-5
 
 
@@ -205,14 +205,14 @@ def test_clip_sampling_as_pytorchvideo():
     assert media.clip_starts(10.0, 2, 3) == [0, Fraction(8, 3), Fraction(16, 3)]
     assert media.clip_starts(1.5, 2, 3) == [0, 0, 0]
     x = np.random.default_rng(1).standard_normal(16000 * 3).astype(np.float32) * 0.1
-    bubo = media.audio_clips(x, 16000, media.BUBOGPT_AUDIO)   # 3 s tiled to 5 s; 6 clips of it
+    bubo = audio.audio_clips(x, 16000, audio.BUBOGPT_AUDIO)   # 3 s tiled to 5 s; 6 clips of it
     assert bubo.shape == (6, 1, 128, 204)
     assert np.allclose(bubo[0], bubo[5])                      # all clips = the same 5 s
 
 
 def test_audio_normalisation_and_padding():
     x = np.zeros(16000 * 4, np.float32)                       # silence
-    clips = media.audio_clips(x, 16000)
+    clips = audio.audio_clips(x, 16000)
     assert clips.shape == (3, 1, 128, 204) and clips.dtype == np.float32
     floor = (np.log(np.finfo(np.float32).eps) + 4.268) / 9.138
     assert np.allclose(clips[..., :198], floor, atol=1e-5)    # 2 s -> 198 frames, then padding
@@ -229,37 +229,37 @@ def test_speech_stereo_22k_through_preprocessing(tmp_path):
     assert rate == 22050
     stereo = tmp_path / "stereo.flac"
     sf.write(stereo, np.stack([mono, 0.5 * mono], axis=1), rate)
-    clips = media.preprocess_audio(stereo)
+    clips = audio.preprocess_audio(stereo)
     assert clips.shape == (3, 1, 128, 204) and np.all(np.isfinite(clips))
     assert clips[..., :198].std() > 0.3                        # speech, not padding
-    bubo = media.preprocess_audio(str(stereo), media.BUBOGPT_AUDIO)
+    bubo = audio.preprocess_audio(str(stereo), audio.BUBOGPT_AUDIO)
     assert bubo.shape == (6, 1, 128, 204) and np.all(np.isfinite(bubo))
 
 
 def test_short_long_and_over_limit_audio():
-    tiny_clip = media.preprocess_audio(_wav_bytes(np.zeros(1600, np.float32), 16000))     # 0.1 s
+    tiny_clip = audio.preprocess_audio(_wav_bytes(np.zeros(1600, np.float32), 16000))     # 0.1 s
     assert tiny_clip.shape == (3, 1, 128, 204) and np.all(np.isfinite(tiny_clip))
-    blip = media.preprocess_audio(_wav_bytes(np.ones(100, np.float32) * 0.1, 44100))      # < 1 frame
+    blip = audio.preprocess_audio(_wav_bytes(np.ones(100, np.float32) * 0.1, 44100))      # < 1 frame
     assert blip.shape == (3, 1, 128, 204) and np.all(np.isfinite(blip))
     rng = np.random.default_rng(2)
     ten_min = (0.05 * rng.standard_normal(16000 * 600)).astype(np.float32)
     data = _wav_bytes(ten_min, 16000, subtype="PCM_16")
     t0 = time.perf_counter()
-    assert media.preprocess_audio(data).shape == (3, 1, 128, 204)
-    assert media.preprocess_audio(data, media.BUBOGPT_AUDIO).shape == (6, 1, 128, 204)
+    assert audio.preprocess_audio(data).shape == (3, 1, 128, 204)
+    assert audio.preprocess_audio(data, audio.BUBOGPT_AUDIO).shape == (6, 1, 128, 204)
     assert time.perf_counter() - t0 < 20
     with pytest.raises(InputError, match="over the 600 s audio limit"):
-        media.preprocess_audio(_wav_bytes(np.zeros(8000 * 601, np.int16), 8000))
+        audio.preprocess_audio(_wav_bytes(np.zeros(8000 * 601, np.int16), 8000))
 
 
 @pytest.mark.parametrize("payload", [b"", b"not audio at all" * 64, b"RIFF\x10\x00\x00\x00WAVEfmt "])
 def test_non_audio_is_an_input_error(payload, tmp_path):
     with pytest.raises(InputError):
-        media.preprocess_audio(payload)
+        audio.preprocess_audio(payload)
     path = tmp_path / "x.wav"
     path.write_bytes(payload)
     with pytest.raises(InputError):
-        media.preprocess_audio(path)
+        audio.preprocess_audio(path)
 
 
 # ---------------------------------------------------------------- video and images
@@ -340,8 +340,8 @@ def test_media_runs_without_torch(tmp_path):
         "import sys\n"
         "sys.modules['torch'] = None  # any import of torch now raises ImportError\n"
         "import io, numpy as np, soundfile as sf\n"
-        "from scops.runtime import media\n"
+        "from scops.runtime import audio\n"
         "buf = io.BytesIO(); sf.write(buf, np.zeros((44100, 2), np.float32), 44100, format='WAV')\n"
-        "print(media.preprocess_audio(buf.getvalue(), media.BUBOGPT_AUDIO).shape)\n")
+        "print(audio.preprocess_audio(buf.getvalue(), audio.BUBOGPT_AUDIO).shape)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "(6, 1, 128, 204)" in r.stdout, r.stdout + r.stderr
