@@ -30,6 +30,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from scops.runtime.audio import audio_recipe
+
 from .assemble import FamilyExport, assemble_bundle, load_state, resolve_source
 from .onnx_stages import OnnxStageSpec, TensorSpec
 
@@ -67,15 +69,9 @@ BUBOGPT_IMAGE = {
     "kind": "image", "size": 224, "resize": "short_side_crop", "interpolation": "bicubic",
     "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
 }
-# imagebind_audio_eval (ImageBindAudioEvalProcessor.from_config): 16 kHz, 5 s clips, 6 clips
-# (ConstantClipsPerVideoSampler), short audio tiled to 5 s, kaldi fbank 128 bins, longer
-# spectrograms bilinearly resized to 204 frames, (x + 4.268) / 9.138. from_config never
-# passes the yaml's use_global, so no whole-waveform clip is added at eval.
-BUBOGPT_AUDIO = {
-    "kind": "audio", "recipe": "bubogpt", "sample_rate": 16000, "clip_seconds": 5, "clips": 6,
-    "global_clip": False, "repeat_short": True, "mel_bins": 128, "target_frames": 204, "fit": "pad_resize",
-    "antialias": False, "mean": -4.268, "std": 9.138,
-}
+# The runtime computes audio by the recipe's name; the values are written beside it for readers
+# (runtime/audio.py BUBOGPT_AUDIO: imagebind_audio_eval as app.py feeds it).
+BUBOGPT_AUDIO = {"kind": "audio", "recipe": "bubogpt", **dataclasses.asdict(audio_recipe("bubogpt"))}
 _BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
               "cross_attention_frequency": 2, "layer_norm_eps": 1e-12}
 # config.json of a converted release (text_config: Vicuna-7B's). EVA ViT-g (create_eva_vit_g):

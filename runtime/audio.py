@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .errors import InputError
+from .errors import BundleError, InputError
 from .media import _linear_resize_weights, clip_starts
 from .preprocess import _read_bytes
 
@@ -31,7 +31,7 @@ MAX_RESAMPLE_TAPS = 4_000_000
 
 @dataclass(frozen=True)
 class AudioOptions:
-    """ImageBind / PandaGPT defaults (load_and_transform_audio_data)."""
+    """One family's audio recipe; the defaults are ImageBind's load_and_transform_audio_data."""
     sample_rate: int = 16000
     clip_seconds: int = 2
     clips: int = 3
@@ -43,18 +43,66 @@ class AudioOptions:
     global_clip: bool = False    # BuboGPT use_global: the whole waveform as one more clip
     fit: str = "pad_crop"        # "pad_crop" (ImageBind) | "pad_resize" (BuboGPT)
     antialias: bool = False      # torchvision Resize on tensors before 0.17 (BuboGPT's era)
+    # "first": torchaudio.load keeps every channel, the clip means are taken over all of them
+    # and the kaldi fbank reads channel 0; "mix": the channels are averaged before anything
+    # else (BuboGPT's app: gr.Audio's (rate, samples) through eval_utils.load_audio).
+    channels: str = "first"
+    # the waveform's dtype in the original, which torchaudio computes its resampling kernel
+    # in: torchaudio.load gives float32; BuboGPT's app divides int samples by iinfo.max (float64)
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.fit not in ("pad_crop", "pad_resize") or self.channels not in ("first", "mix") \
+                or self.dtype not in ("float32", "float64"):
+            raise ValueError(f"bad AudioOptions: fit={self.fit!r} channels={self.channels!r} dtype={self.dtype!r}")
 
 
+# PandaGPT (code/model/ImageBind/data.py) and LEGO (GroundingGPT's
+# video_llama/models/ImageBind/data.py) call ImageBind's loader unchanged: 3 clips x 2 s.
 IMAGEBIND_AUDIO = AudioOptions()
 # eval_configs/mmgpt4_eval.yaml: imagebind_audio_eval, clip_duration 5, clips_per_video 6. The yaml
 # also says use_global: True, but ImageBindAudioEvalProcessor.from_config never passes it on,
-# so the released eval path runs 6 clips, no global one.
-BUBOGPT_AUDIO = AudioOptions(clip_seconds=5, clips=6, repeat_short=True, global_clip=False, fit="pad_resize")
+# so the released eval path runs 6 clips, no global one. app.py's gr.Audio hands the processor
+# int samples / iinfo.max (32767 for int16, where soundfile divides by 32768: +6.7e-6 after
+# normalisation, ignored), channels averaged.
+BUBOGPT_AUDIO = AudioOptions(clip_seconds=5, clips=6, repeat_short=True, global_clip=False, fit="pad_resize",
+                             channels="mix", dtype="float64")
+# A bundle names its recipe (manifest: modalities.audio.preprocess.recipe).
+RECIPES = {"imagebind": IMAGEBIND_AUDIO, "bubogpt": BUBOGPT_AUDIO}
 
 
-def decode_audio(src) -> tuple[np.ndarray, int, str]:
-    """wav / flac / ogg / mp3 (libsndfile) -> (first channel float32 [N], rate, name).
-    The first channel: torchaudio's kaldi fbank reads channel 0 of what the original loads."""
+def audio_recipe(name: str) -> AudioOptions:
+    if name not in RECIPES:
+        raise BundleError(f"unknown audio recipe {name!r} (known: {', '.join(RECIPES)})")
+    return RECIPES[name]
+
+
+@dataclass(frozen=True, eq=False)
+class Waveform:
+    """A decoded file at its own rate, as much of it as any recipe reads: channel 0 and the
+    average of all channels (the same array when mono). Never modified in place."""
+    first: np.ndarray            # [N] float32
+    mix: np.ndarray              # [N] float32
+    rate: int
+    name: str = "<audio>"
+
+    @property
+    def mono(self) -> bool:
+        return self.mix is self.first
+
+    @classmethod
+    def of(cls, samples: np.ndarray, rate: int, name: str = "<audio>") -> "Waveform":
+        """[N] or channels-first [C, N] (torchaudio.load's layout) samples."""
+        x = np.asarray(samples, np.float32)
+        x = x[None] if x.ndim == 1 else x                       # [N] -> [1, N]
+        if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+            raise InputError(f"{name}: audio samples must be [N] or [channels, N], got {list(np.shape(samples))}")
+        first = np.ascontiguousarray(x[0])
+        return cls(first, first if x.shape[0] == 1 else x.mean(axis=0), rate, name)
+
+
+def decode_audio(src) -> Waveform:
+    """wav / flac / ogg / mp3 (libsndfile) -> Waveform (channel 0 and the channel average)."""
     import soundfile as sf
 
     data, name = _read_bytes(src, "audio", MAX_AUDIO_BYTES)
@@ -63,43 +111,52 @@ def decode_audio(src) -> tuple[np.ndarray, int, str]:
     except Exception:
         raise InputError(f"{name}: not an audio file (unrecognised format)") from None
     with f:
-        rate, frames = int(f.samplerate), int(f.frames)
+        rate, frames, channels = int(f.samplerate), int(f.frames), int(f.channels)
         if rate < 1000 or rate > 768_000:
             raise InputError(f"{name}: sample rate {rate} Hz is out of range (1 kHz - 768 kHz)")
         if frames <= 0:
             raise InputError(f"{name}: audio has no samples")
         if frames / rate > MAX_AUDIO_SECONDS:
             raise InputError(f"{name}: {frames / rate:.1f} s is over the {MAX_AUDIO_SECONDS:.0f} s audio limit")
+        first, mix = [], []
         try:
-            out = np.concatenate([b[:, 0] for b in f.blocks(blocksize=1 << 18, dtype="float32", always_2d=True)])
+            for b in f.blocks(blocksize=1 << 18, dtype="float32", always_2d=True):   # [n, C] per block
+                first.append(b[:, 0])
+                if channels > 1:
+                    mix.append(b.mean(axis=1))
         except Exception as e:
             raise InputError(f"{name}: corrupt audio ({e})") from None
-    if out.size == 0:
+    first = np.concatenate(first) if first else np.empty(0, np.float32)
+    if first.size == 0:
         raise InputError(f"{name}: audio has no samples")
-    if not np.all(np.isfinite(out)):
+    mix = np.concatenate(mix) if channels > 1 else first
+    if not (np.all(np.isfinite(first)) and np.all(np.isfinite(mix))):
         raise InputError(f"{name}: audio has NaN or infinite samples")
-    return out, rate, name
+    return Waveform(first, mix, rate, name)
 
 
 @lru_cache(maxsize=16)
-def _sinc_kernel(orig: int, new: int, zeros: int = 6, rolloff: float = 0.99) -> tuple[np.ndarray, int]:
+def _sinc_kernel(orig: int, new: int, dtype: str, zeros: int = 6, rolloff: float = 0.99) -> tuple[np.ndarray, int]:
     """torchaudio.functional.resample's kernel (sinc_interp_hann, lowpass_filter_width 6,
-    rolloff 0.99) for the reduced rates orig -> new: [new, 2*width + orig] float32."""
+    rolloff 0.99) for the reduced rates orig -> new: [new, 2*width + orig], computed as it
+    computes it, in the waveform's dtype (float32 rounding of t moves taps by up to 1e-4)."""
+    f = np.dtype(dtype).type
     base = min(orig, new) * rolloff
     width = math.ceil(zeros * orig / base)
-    idx = np.arange(-width, width + orig, dtype=np.float64)[None, :] / orig
-    t = (np.arange(0, -new, -1, dtype=np.float64)[:, None] / new + idx) * base   # [new, taps]
-    t = np.clip(t, -zeros, zeros)
-    window = np.cos(t * math.pi / zeros / 2) ** 2
-    t = t * math.pi
-    safe = np.where(t == 0, 1.0, t)
-    kernel = np.where(t == 0, 1.0, np.sin(safe) / safe) * window * (base / orig)
-    return kernel.astype(np.float32), width
+    idx = np.arange(-width, width + orig, dtype=f)[None, :] / f(orig)
+    t = np.arange(0, -new, -1, dtype=f)[:, None] / f(new) + idx          # [new, taps]
+    t = np.clip(t * f(base), f(-zeros), f(zeros))
+    window = np.cos(t * f(math.pi) / f(zeros) / f(2)) ** 2
+    t = t * f(math.pi)
+    safe = np.where(t == 0, f(1), t)
+    kernel = np.where(t == 0, f(1), np.sin(safe) / safe)
+    return kernel * (window * f(base / orig)), width
 
 
-def resample_audio(x: np.ndarray, orig: int, new: int) -> np.ndarray:
-    """Polyphase windowed-sinc resampling, numerically torchaudio.functional.resample
-    (what ImageBind/PandaGPT/BuboGPT call); soxr "VHQ" for rates whose exact kernel is huge."""
+def resample_audio(x: np.ndarray, orig: int, new: int, dtype: str = "float32") -> np.ndarray:
+    """Polyphase windowed-sinc resampling, numerically torchaudio.functional.resample on a
+    `dtype` waveform (what ImageBind/PandaGPT/BuboGPT call) -> float32; soxr "VHQ" for
+    rates whose exact kernel is huge."""
     if orig == new:
         return x.astype(np.float32, copy=False)
     o, n = orig // math.gcd(orig, new), new // math.gcd(orig, new)
@@ -107,13 +164,13 @@ def resample_audio(x: np.ndarray, orig: int, new: int) -> np.ndarray:
     if n * (2 * width + o) > MAX_RESAMPLE_TAPS:
         import soxr
         return soxr.resample(x, orig, new, quality="VHQ").astype(np.float32)
-    kernel, width = _sinc_kernel(o, n)
+    kernel, width = _sinc_kernel(o, n, dtype)
     padded = np.pad(x.astype(np.float32), (width, width + o))
     windows = np.lib.stride_tricks.sliding_window_view(padded, kernel.shape[1])[::o]  # [J, taps] view
     out = np.empty((windows.shape[0], n), np.float32)
     step = max(1, (1 << 22) // kernel.shape[1])
     for i in range(0, windows.shape[0], step):                  # bounded temporary memory
-        out[i:i + step] = windows[i:i + step] @ kernel.T        # [rows, taps] @ [taps, n]
+        out[i:i + step] = windows[i:i + step].astype(kernel.dtype) @ kernel.T   # [rows, taps] @ [taps, n]
     target = math.ceil(n * x.shape[0] / o)
     return out.reshape(-1)[:target]                             # [J, n] -> [J * n] -> [target]
 
@@ -170,26 +227,39 @@ def fit_frames(fbank: np.ndarray, target: int, fit: str, antialias: bool = False
     return (spec @ _linear_resize_weights(n, target, antialias).T).astype(np.float32)  # [mel, n] @ [n, target]
 
 
-def audio_clips(x: np.ndarray, rate: int, opts: AudioOptions = IMAGEBIND_AUDIO) -> np.ndarray:
-    """Decoded first-channel samples -> float32 [clips, 1, mel_bins, target_frames]."""
-    sr = opts.sample_rate
-    wave = resample_audio(x, rate, sr)
-    if opts.repeat_short and len(wave) <= opts.clip_seconds * sr:
-        # waveform_resample: tile int(c / D) + 1 times, keep exactly c seconds
-        reps = int(opts.clip_seconds / (len(wave) / sr)) + 1
-        wave = np.tile(wave, reps)[:opts.clip_seconds * sr]
-    starts = clip_starts(len(wave) / sr, opts.clip_seconds, opts.clips)
-    pieces = [wave[int(s * sr):int((s + opts.clip_seconds) * sr)] for s in starts]
+def _fresh(x: np.ndarray, rate: int, opts: AudioOptions) -> np.ndarray:
+    """Resampled samples in an array of their own (audio_clips writes into it)."""
+    y = resample_audio(x, rate, opts.sample_rate, opts.dtype)
+    return y.copy() if np.shares_memory(x, y) else y
+
+
+def audio_clips(wave: Waveform, opts: AudioOptions = IMAGEBIND_AUDIO) -> np.ndarray:
+    """A decoded file -> float32 [clips, 1, mel_bins, target_frames], as the originals compute it."""
+    sr, c = opts.sample_rate, opts.clip_seconds
+    # mix: what the clip means are taken over (all channels); sig: what the fbank reads
+    mix = _fresh(wave.mix, wave.rate, opts)
+    sig = mix if wave.mono or opts.channels == "mix" else _fresh(wave.first, wave.rate, opts)
+    if opts.repeat_short and c / (len(mix) / sr) >= 1:
+        # waveform_resample: tile int(c / D) + 1 times, keep exactly c seconds (a new array)
+        reps = int(c / (len(mix) / sr)) + 1
+        same = sig is mix
+        mix = np.tile(mix, reps)[:c * sr]
+        sig = mix if same else np.tile(sig, reps)[:c * sr]
+    spans = [(int(s * sr), int((s + c) * sr)) for s in clip_starts(len(sig) / sr, c, opts.clips)]
     if opts.global_clip:
-        pieces.append(wave)
-    out = np.empty((len(pieces), 1, opts.mel_bins, opts.target_frames), np.float32)
-    for k, piece in enumerate(pieces):
-        spec = kaldi_fbank(piece - piece.mean() if len(piece) else piece, sr, opts.mel_bins)
-        out[k, 0] = fit_frames(spec, opts.target_frames, opts.fit, opts.antialias)
+        spans.append((0, len(sig)))                             # global_stretching: the waveform itself, last
+    out = np.empty((len(spans), 1, opts.mel_bins, opts.target_frames), np.float32)
+    for k, (a, b) in enumerate(spans):
+        # Not a bug to fix: the originals cut each clip as a view of one waveform and waveform2melspec runs
+        # `waveform -= waveform.mean()` in place, so a clip overlapping earlier ones sees their means subtracted.
+        m = np.float32(mix[a:b].mean(dtype=np.float64))
+        sig[a:b] -= m
+        if mix is not sig:
+            mix[a:b] -= m
+        out[k, 0] = fit_frames(kaldi_fbank(sig[a:b], sr, opts.mel_bins), opts.target_frames, opts.fit, opts.antialias)
     return (out - np.float32(opts.mean)) / np.float32(opts.std)
 
 
 def preprocess_audio(src, opts: AudioOptions = IMAGEBIND_AUDIO) -> np.ndarray:
     """An audio file (path or bytes) -> float32 [clips, 1, 128, 204]."""
-    x, rate, _ = decode_audio(src)
-    return audio_clips(x, rate, opts)
+    return audio_clips(decode_audio(src), opts)

@@ -39,21 +39,20 @@ def _hash_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def _audio_options(spec: dict):
-    from .audio import BUBOGPT_AUDIO, IMAGEBIND_AUDIO
-    return {"imagebind": IMAGEBIND_AUDIO, "bubogpt": BUBOGPT_AUDIO}[spec.get("recipe", "imagebind")]
-
-
 def _decode_audio(src, spec):
     from .audio import decode_audio
-    x, rate, _ = decode_audio(src)
-    return x, rate
+    return decode_audio(src)
 
 
-def _prepare_audio(decoded, spec):
-    from .audio import audio_clips
-    x, rate = decoded
-    return audio_clips(x, rate, _audio_options(spec))           # [clips, 1, 128, 204]
+def _audio_key(wave) -> str:
+    """Channel 0 and, for several channels, their average: all any recipe reads."""
+    mix = "" if wave.mono else "|mix:" + content_hash(wave.mix)
+    return content_hash(wave.first, salt=f"{wave.rate}Hz{mix}")
+
+
+def _prepare_audio(wave, spec):
+    from .audio import audio_clips, audio_recipe
+    return audio_clips(wave, audio_recipe(spec.get("recipe", "imagebind")))   # [clips, 1, 128, 204]
 
 
 def _prepare_video(data, spec):
@@ -71,7 +70,7 @@ def _prepare_single(fn_name: str):
 KINDS = {
     "image": Kind(lambda src, spec: decode_image(src), content_hash,
                   lambda rgb, spec: preprocess_image(rgb, spec)[None]),          # [1, 3, S, S]
-    "audio": Kind(_decode_audio, lambda d: content_hash(d[0], salt=f"{d[1]}Hz"), _prepare_audio),
+    "audio": Kind(_decode_audio, _audio_key, _prepare_audio),
     "video": Kind(_bytes, _hash_bytes, _prepare_video),
     "thermal": Kind(_bytes, _hash_bytes, _prepare_single("preprocess_thermal")),
     "depth": Kind(_bytes, _hash_bytes, _prepare_single("preprocess_depth")),

@@ -60,7 +60,7 @@ def sounds(tmp_path_factory):
 
 
 def fbank_of(session, path) -> np.ndarray:
-    """The runtime's fbank clips of a file (tested against torchaudio elsewhere)."""
+    """The runtime's fbank clips of a file (tests/test_audio.py: equal to BuboGPT's own loader)."""
     from scops.runtime.modalities import KINDS
     spec = session.bundle.modalities["audio"]["preprocess"]
     return KINDS["audio"].prepare(KINDS["audio"].decode(path, spec), spec)

@@ -1,11 +1,10 @@
-"""ImageBind-huge: reference modules, ONNX stages and torch-free media preprocessing."""
+"""ImageBind-huge: reference modules, ONNX stages and torch-free media preprocessing
+(audio: tests/test_audio.py)."""
 from __future__ import annotations
 
 import io
 import math
-import shutil
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -52,13 +51,6 @@ REAL_KEYS = {
 @pytest.fixture(scope="module")
 def tiny():
     return build_imagebind(ImageBindSizes.tiny(), seed=0)
-
-
-def _wav_bytes(x: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None = None) -> bytes:
-    import soundfile as sf
-    buf = io.BytesIO()
-    sf.write(buf, x, rate, format=fmt, subtype=subtype)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- model and ONNX
@@ -127,139 +119,12 @@ def test_runtime_audio_through_onnx_equals_reference(tiny, tmp_path):
     import onnxruntime as ort
     export_imagebind(tiny, ["audio_tokens"], tmp_path, log=lambda s: None)
     t = np.arange(16000 * 7) / 16000
-    clips = audio.audio_clips(np.sin(2 * np.pi * 330 * t).astype(np.float32), 16000, audio.BUBOGPT_AUDIO)
+    wave = audio.Waveform.of(np.sin(2 * np.pi * 330 * t), 16000)
+    clips = audio.audio_clips(wave, audio.BUBOGPT_AUDIO)
     sess = ort.InferenceSession(str(tmp_path / "imagebind_audio_tokens.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"fbank": clips})[0].mean(axis=0)                      # mean_over_clips
     want = embed_clips(tiny, "audio_tokens", torch.from_numpy(clips)).numpy()
     assert got.shape == (229, 32) and np.abs(got - want).max() <= 1e-4
-
-
-# ---------------------------------------------------------------- audio
-
-def _reference_fbank(x: np.ndarray, rate: int, bins: int) -> np.ndarray:
-    """Straightforward Kaldi fbank, frame by frame (torchaudio.compliance.kaldi.fbank's
-    options in ImageBind's waveform2melspec)."""
-    n, hop, nfft = 400, 160, 512
-    mel = lambda f: 1127.0 * math.log(1.0 + f / 700.0)  # noqa: E731
-    lo, hi = mel(20.0), mel(rate / 2)
-    d = (hi - lo) / (bins + 1)
-    fb = np.zeros((bins, nfft // 2 + 1))
-    for b in range(bins):
-        l, c, r = lo + b * d, lo + (b + 1) * d, lo + (b + 2) * d
-        for k in range(nfft // 2):
-            m = mel(k * rate / nfft)
-            fb[b, k] = max(0.0, min((m - l) / (c - l), (r - m) / (r - c)))
-    win = np.array([0.5 - 0.5 * math.cos(2 * math.pi * i / (n - 1)) for i in range(n)])
-    rows = []
-    for s in range(0, len(x) - n + 1, hop):
-        f = x[s:s + n].astype(np.float64)
-        f = f - f.mean()
-        f = np.append(f[0] - 0.97 * f[0], f[1:] - 0.97 * f[:-1])
-        spec = np.abs(np.fft.rfft(np.append(f * win, np.zeros(nfft - n)))) ** 2
-        rows.append(np.log(np.maximum(fb @ spec, np.finfo(np.float32).eps)))
-    return np.array(rows)
-
-
-def test_fbank_matches_reference_and_kaldi_native_fbank():
-    rng = np.random.default_rng(0)
-    t = np.arange(16000) / 16000
-    x = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
-    got = audio.kaldi_fbank(x, 16000, 128)
-    assert got.shape == (98, 128)                     # 1 + (16000 - 400) // 160
-    assert np.abs(got - _reference_fbank(x, 16000, 128)).max() < 1e-3
-    assert np.all(got[:, 3] == np.float32(np.log(np.finfo(np.float32).eps)))  # empty triangle
-    knf = pytest.importorskip("kaldi_native_fbank")
-    opts = knf.FbankOptions()
-    opts.frame_opts.dither, opts.frame_opts.window_type = 0.0, "hanning"
-    opts.mel_opts.num_bins, opts.mel_opts.is_librosa, opts.htk_compat = 80, False, True
-    fb = knf.OnlineFbank(opts)            # kaldi-native-fbank refuses 128 bins (empty triangle)
-    fb.accept_waveform(16000, x)
-    fb.input_finished()
-    theirs = np.stack([fb.get_frame(i) for i in range(fb.num_frames_ready)])
-    assert np.abs(audio.kaldi_fbank(x, 16000, 80) - theirs).max() < 1e-3
-
-
-@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
-def test_resample_matches_torchaudio_algorithm(rate):
-    """torchaudio.functional.resample written with torch.conv1d, as the original applies it."""
-    x = np.random.default_rng(rate).standard_normal(rate // 2).astype(np.float32)
-    g = math.gcd(rate, 16000)
-    o, n = rate // g, 16000 // g
-    base = min(o, n) * 0.99
-    width = math.ceil(6 * o / base)
-    idx = torch.arange(-width, width + o, dtype=torch.float64)[None, None] / o
-    tt = (torch.arange(0, -n, -1, dtype=torch.float64)[:, None, None] / n + idx) * base
-    tt = tt.clamp(-6, 6)
-    win = torch.cos(tt * math.pi / 12) ** 2
-    tt = tt * math.pi
-    kern = (torch.where(tt == 0, torch.ones_like(tt), tt.sin() / tt) * win * base / o).float()
-    wave = torch.nn.functional.pad(torch.from_numpy(x)[None], (width, width + o))
-    ref = torch.nn.functional.conv1d(wave[:, None], kern, stride=o).transpose(1, 2).reshape(-1)
-    ref = ref[:math.ceil(n * len(x) / o)].numpy()
-    got = audio.resample_audio(x, rate, 16000)
-    assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-5
-
-
-def test_clip_sampling_as_pytorchvideo():
-    from fractions import Fraction
-    assert media.clip_starts(10.0, 2, 3) == [0, Fraction(8, 3), Fraction(16, 3)]
-    assert media.clip_starts(1.5, 2, 3) == [0, 0, 0]
-    x = np.random.default_rng(1).standard_normal(16000 * 3).astype(np.float32) * 0.1
-    bubo = audio.audio_clips(x, 16000, audio.BUBOGPT_AUDIO)   # 3 s tiled to 5 s; 6 clips of it
-    assert bubo.shape == (6, 1, 128, 204)
-    assert np.allclose(bubo[0], bubo[5])                      # all clips = the same 5 s
-
-
-def test_audio_normalisation_and_padding():
-    x = np.zeros(16000 * 4, np.float32)                       # silence
-    clips = audio.audio_clips(x, 16000)
-    assert clips.shape == (3, 1, 128, 204) and clips.dtype == np.float32
-    floor = (np.log(np.finfo(np.float32).eps) + 4.268) / 9.138
-    assert np.allclose(clips[..., :198], floor, atol=1e-5)    # 2 s -> 198 frames, then padding
-    assert np.allclose(clips[..., 198:], 4.268 / 9.138, atol=1e-6)
-
-
-def test_speech_stereo_22k_through_preprocessing(tmp_path):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng not installed")
-    import soundfile as sf
-    wav = tmp_path / "speech.wav"
-    subprocess.run(["espeak-ng", "-w", str(wav), "the quick brown fox jumps over the lazy dog"], check=True)
-    mono, rate = sf.read(wav, dtype="float32")
-    assert rate == 22050
-    stereo = tmp_path / "stereo.flac"
-    sf.write(stereo, np.stack([mono, 0.5 * mono], axis=1), rate)
-    clips = audio.preprocess_audio(stereo)
-    assert clips.shape == (3, 1, 128, 204) and np.all(np.isfinite(clips))
-    assert clips[..., :198].std() > 0.3                        # speech, not padding
-    bubo = audio.preprocess_audio(str(stereo), audio.BUBOGPT_AUDIO)
-    assert bubo.shape == (6, 1, 128, 204) and np.all(np.isfinite(bubo))
-
-
-def test_short_long_and_over_limit_audio():
-    tiny_clip = audio.preprocess_audio(_wav_bytes(np.zeros(1600, np.float32), 16000))     # 0.1 s
-    assert tiny_clip.shape == (3, 1, 128, 204) and np.all(np.isfinite(tiny_clip))
-    blip = audio.preprocess_audio(_wav_bytes(np.ones(100, np.float32) * 0.1, 44100))      # < 1 frame
-    assert blip.shape == (3, 1, 128, 204) and np.all(np.isfinite(blip))
-    rng = np.random.default_rng(2)
-    ten_min = (0.05 * rng.standard_normal(16000 * 600)).astype(np.float32)
-    data = _wav_bytes(ten_min, 16000, subtype="PCM_16")
-    t0 = time.perf_counter()
-    assert audio.preprocess_audio(data).shape == (3, 1, 128, 204)
-    assert audio.preprocess_audio(data, audio.BUBOGPT_AUDIO).shape == (6, 1, 128, 204)
-    assert time.perf_counter() - t0 < 20
-    with pytest.raises(InputError, match="over the 600 s audio limit"):
-        audio.preprocess_audio(_wav_bytes(np.zeros(8000 * 601, np.int16), 8000))
-
-
-@pytest.mark.parametrize("payload", [b"", b"not audio at all" * 64, b"RIFF\x10\x00\x00\x00WAVEfmt "])
-def test_non_audio_is_an_input_error(payload, tmp_path):
-    with pytest.raises(InputError):
-        audio.preprocess_audio(payload)
-    path = tmp_path / "x.wav"
-    path.write_bytes(payload)
-    with pytest.raises(InputError):
-        audio.preprocess_audio(path)
 
 
 # ---------------------------------------------------------------- video and images
@@ -340,7 +205,7 @@ def test_media_runs_without_torch(tmp_path):
         "import sys\n"
         "sys.modules['torch'] = None  # any import of torch now raises ImportError\n"
         "import io, numpy as np, soundfile as sf\n"
-        "from scops.runtime import audio\n"
+        "from scops.runtime import audio, media, modalities\n"
         "buf = io.BytesIO(); sf.write(buf, np.zeros((44100, 2), np.float32), 44100, format='WAV')\n"
         "print(audio.preprocess_audio(buf.getvalue(), audio.BUBOGPT_AUDIO).shape)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
