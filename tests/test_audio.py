@@ -134,6 +134,7 @@ def test_every_clip_equals_the_original_loader(sounds, recipe, seconds, channels
     want = original(recipe, sounds[seconds, channels, rate])
     assert got.shape == want.shape == (opts.clips + opts.global_clip, 1, 128, 204)
     per_clip = np.abs(got - want).reshape(len(got), -1).max(axis=1)
+    print(f"{recipe} {seconds} s {channels} ch {rate} Hz: max |diff| per clip", " ".join(f"{d:.1e}" for d in per_clip))
     assert per_clip.max() <= 1e-4, per_clip
 
 
