@@ -38,7 +38,9 @@ def color_of(index: int) -> str:
 @dataclass(frozen=True)
 class Region:
     """Where an entity points, in the coordinates of the ORIGINAL input (not the model's)."""
-    media: int = 0                                     # index of the input in the turn (its media order)
+    media: int = 0                                     # index of the input: Conversation.media() order
+                                                       # (every input of the chat in prompt order; one
+                                                       # turn alone: that turn's order)
     box: tuple[float, float, float, float] | None = None   # x1, y1, x2, y2 in pixels
     mask: dict | None = None                           # {"size": [h, w], "counts": [...]} (rle_encode)
     time: tuple[float, float] | None = None            # t0, t1 in seconds
