@@ -19,7 +19,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def minigpt4_prompt(question: str) -> str:
-    return SYSTEM + "###Human: <Img><ImageHere></Img> " + question + "###Assistant:"
+    return SYSTEM + "###Human: <Img><ImageHere></Img> " + question + "###Assistant: "
 
 
 class TokenClock:

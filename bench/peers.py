@@ -119,7 +119,7 @@ def run_llama_cpp(args, images) -> list[dict]:
     """The same GGUF through llama-cpp-python's own Llama.generate: prompt of the same
     length as scops' (the 32 image rows stood in for by 32 text tokens), greedy."""
     import llama_cpp
-    from scops.export.minigpt4 import MINIGPT4_TEMPLATE
+    from scops.runtime.templates import MINIGPT4 as MINIGPT4_TEMPLATE
 
     manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
     llm = llama_cpp.Llama(model_path=str(Path(args.bundle) / manifest["llm"]["file"]), n_ctx=N_CTX,

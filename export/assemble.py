@@ -8,14 +8,16 @@ every check, shows progress and commits the bundle atomically.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .bundle import BundleBuilder
-from .llm_gguf import list_safetensors, quantize_gguf, write_llama_gguf
-from .onnx_stages import OnnxStageSpec, export_and_validate
+from scops.runtime.errors import ExportError
+
+from .checkpoints import TensorIndex, read_added_tokens
+from .llm_gguf import quantize_gguf, write_llama_gguf
+from .onnx_stages import export_and_validate
 
 QUANTS = ("Q4_K_M", "Q8_0", "F16", "F32")
 
@@ -42,32 +44,29 @@ class FamilyExport:
         return self.projectors or ((self.projection_prefix, "projector.safetensors"),)
 
 
-def resolve_source(src: str) -> Path:
-    """A local folder, or a hub id downloaded with huggingface_hub (when online)."""
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or src.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{src}: not a checkpoint folder")
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"]))
-
-
 def load_state(src: Path, prefix: str) -> dict:
-    """Tensors whose key starts with `prefix`, prefix stripped, as fp32 (only those are read)."""
-    import torch
-    from safetensors import safe_open
+    """Tensors of an HF folder (any saved form) whose key starts with `prefix`, prefix
+    stripped, as fp32 (only those are read)."""
+    return TensorIndex.open(src).load_prefix(prefix)
 
-    state = {}
-    with ExitStack() as stack:
-        for f in list_safetensors(src):
-            h = stack.enter_context(safe_open(str(f), framework="pt"))
-            for k in h.keys():
-                if k.startswith(prefix):
-                    state[k[len(prefix):]] = h.get_tensor(k).to(torch.float32)
-    if not state:
-        raise KeyError(f"{src}: no tensors under '{prefix}'")
-    return state
+
+def resolve_special(template: dict, llm_dir: Path, tok_model: Path) -> dict:
+    """A template's "special" strings -> {text: id}: the LLM folder's added tokens, else
+    pieces of its sentencepiece model (LLaMA's "<s>" is piece 1)."""
+    names = template.get("special")
+    if not names or isinstance(names, dict):
+        return template
+    import sentencepiece as spm
+
+    added = read_added_tokens(llm_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(tok_model))
+    ids = {}
+    for text in names:
+        i = added.get(text, sp.piece_to_id(text))
+        if text not in added and (i == sp.unk_id() and text != sp.id_to_piece(sp.unk_id())):
+            raise ExportError(f"{llm_dir}: the template's token {text!r} is not in the tokenizer")
+        ids[text] = int(i)
+    return dict(template, special=ids)
 
 
 def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
@@ -79,7 +78,8 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
     llm_dir = fam.llm_dir or src_dir
     tok_model = llm_dir / "tokenizer.model"
     if not tok_model.exists():
-        raise FileNotFoundError(f"{llm_dir}: tokenizer.model (sentencepiece) not found")
+        raise ExportError(f"{llm_dir}: tokenizer.model (sentencepiece) not found")
+    template = resolve_special(fam.template, llm_dir, tok_model)
     t_start = time.perf_counter()
     quantized = quant not in ("F32", "F16")
     n_steps = len(fam.stages) + 3 + quantized
@@ -131,7 +131,7 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
             "source": str(src_dir),
             "llm": {"file": llm_file, "quant": quant, "n_embd": facts["n_embd"], "n_vocab": facts["n_vocab"],
                     "n_ctx_train": int(fam.text_config.get("max_position_embeddings", 2048))},
-            "template": fam.template,
+            "template": template,
             "modalities": fam.modalities,
             "validation": validation,
             "encoder_precision": precision,

@@ -1,19 +1,21 @@
-"""BuboGPT exporter (image + audio): an original-key checkpoint folder -> bundle.
+"""BuboGPT exporter (image + audio): the published release, or a converted folder -> bundle.
 
-Source folder (scops' own layout, documented so a converted release loads):
-  config.json        {"model_type": "bubogpt", "num_query_token": 32, "vision_config": {...},
-                      "ln_vision_eps": 1e-5, "qformer_config": {...}, "audio_config": {...},
-                      "audio_qformer_config": {...}, "text_config": {...}}
-                      (vision/qformer configs in HF Blip2VisionConfig / Blip2QFormerConfig words;
-                      audio_config: ImageBind audio trunk width/depth/heads + fbank geometry)
-  *.safetensors      the ORIGINAL `MMGPT4.state_dict()` key names (bubogpt/models/mm_gpt4.py):
-                      multimodal_encoder.modality_trunks.vision.*        EVA ViT-g (eva_vit.py)
-                      multimodal_encoder.modality_postprocessors.vision.* ln_vision (image_bind.py)
-                      multimodal_encoder.modality_{preprocessors,trunks,postprocessors}.audio.*
-                      multimodal_joiner.modality_qformers.{vision,audio}.{Qformer.bert.*,query_tokens}
-                      multimodal_joiner.modality_post_projectors.{vision,audio}.fc.{weight,bias}
-                      llama_model.model.*, llama_model.lm_head.weight
-  tokenizer.model    the LLaMA sentencepiece model
+The release (`--from FOLDER`), assembled as the original loads it (models/mm_gpt4.py
+MMGPT4 with eval_configs/mmgpt4_eval.yaml: use_blip_vision, with_bind_head False), in this
+order, later files winning, under MMGPT4's own state-dict names:
+  1. imagebind_huge.pth                 -> multimodal_encoder.* (imagebind_huge(pretrained))
+  2. eva_vit_g.pth                      -> the vision trunk (create_eva_vit_g: 39 of 40 blocks)
+  3. blip2_pretrained_flant5xxl.pth     -> the vision postprocessor (load_ln_params: ln_vision)
+                                           and the vision Q-Former (load_Qformer)
+  4. prerained_minigpt4_7b.pth          -> the vision post-projector fc (replace_joiner_vision's
+     (optional)                            proj_model: llama_proj)
+  5. bubogpt_7b.pth                     -> {'model': ...}, loaded non-strictly over everything
+                                           (at least the audio Q-Former and both post-projectors)
+  <LLaMA folder>/                       -> the Vicuna LLM (llama_model.*)
+Sizes are read off the tensors. A key the model needs and no file provides is named.
+
+A converted folder (scops' earlier layout) also loads: config.json {"model_type": "bubogpt",
+...} + *.safetensors holding the same MMGPT4 key names + tokenizer.model.
 
 Stages (manifest order):
   image: vision.onnx [B,3,224,224] -> [B,257,Dv] (EVA + ln_vision) -> qformer.onnx -> [B,32,Dq]
@@ -26,14 +28,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Callable
 
 from scops.runtime.audio import audio_recipe
+from scops.runtime.errors import ExportError
+from scops.runtime.families import family
 
-from .assemble import FamilyExport, assemble_bundle, load_state, resolve_source
+from .assemble import FamilyExport, assemble_bundle, load_state
+from .blip2 import qformer_module, vision_module
 from .onnx_stages import OnnxStageSpec, TensorSpec
+from .releases import (BLIP2_QFORMER_NAMES, LN_VISION_EPS, eva_config, eva_to_hf, find_llm_folder,
+                       find_release_file, lavis_qformer_to_hf, llama_config, qformer_config, read_blip2,
+                       read_eva_vit_g, resolve_source)
 
 FAMILY = "bubogpt"
 ENC = "multimodal_encoder."
@@ -44,26 +51,6 @@ AUDIO_PARTS = ("modality_preprocessors.audio.", "modality_trunks.audio.", "modal
 PROJECTORS = ((JOIN + "modality_post_projectors.vision.fc.", "projector.safetensors"),
               (JOIN + "modality_post_projectors.audio.fc.", "audio_projector.safetensors"))
 LLM_PREFIX = "llama_model."
-# imagebind/models/image_bind.py: ln_vision is `LayerNorm(1408)` with torch's default eps.
-LN_VISION_EPS = 1e-5
-
-# eval_scripts/conversation.py CONV_X + Conversation.get_prompt (sep "###"): system + "###Human: "
-# + content + "###Assistant:"; an uploaded medium is its own Human message and the question is
-# joined to the LAST one with a space (Chat.ask, just_uploaded); app.py uploads image, then audio.
-SYSTEM = ("Give the following image: <Vision>ImageContent</Vision> or audio: <Audio>AudioContent</Audio>. "
-          "You will be able to see the image/audio once I provide it to you. Please answer my questions.")
-BUBOGPT_TEMPLATE = {
-    "system": SYSTEM,
-    "user": "###Human: {content}",
-    "assistant": "###Assistant:",
-    "answer": " {answer}",
-    "media": {"image": "<Vision><ModalityHere></Vision>", "audio": "<Audio><ModalityHere></Audio>"},
-    "media_sep": " ",
-    "media_join": "###Human: ",       # between two media of one turn (each was its own message)
-    "placeholder": "<ModalityHere>",
-    "bos": True,                      # get_context_emb: add_special_tokens only on the first segment
-    "stop": ["###"],                  # stop ids [835] / [2277, 29937]
-}
 # imagebind_vision_eval: Resize(224, bicubic) (short side) + CenterCrop(224) + CLIP mean/std.
 BUBOGPT_IMAGE = {
     "kind": "image", "size": 224, "resize": "short_side_crop", "interpolation": "bicubic",
@@ -93,99 +80,21 @@ RELEASE_CONFIG = {
 def read_config(src: Path) -> dict:
     cfg = json.loads((src / "config.json").read_text())
     if cfg.get("model_type") != FAMILY:
-        raise ValueError(f"{src}: config.json model_type is {cfg.get('model_type')!r}, not 'bubogpt'")
+        raise ExportError(f"{src}: config.json model_type is {cfg.get('model_type')!r}, not 'bubogpt'")
     return cfg
 
 
-def eva_to_hf(eva: dict, ln: dict) -> dict:
-    """EVA ViT-g keys (eva_vit.py VisionTransformer) + ln_vision -> HF Blip2VisionModel keys.
-    EVA has q_bias and v_bias only; HF's fused qkv bias is cat(q_bias, 0, v_bias), as EVA builds it."""
-    import torch
-
-    out = {"embeddings.class_embedding": eva["cls_token"], "embeddings.position_embedding": eva["pos_embed"],
-           "embeddings.patch_embedding.weight": eva["patch_embed.proj.weight"],
-           "embeddings.patch_embedding.bias": eva["patch_embed.proj.bias"],
-           "post_layernorm.weight": ln["weight"], "post_layernorm.bias": ln["bias"]}
-    names = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
-             "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-    for k, v in eva.items():
-        m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", k)
-        if m and m.group(2) in names:
-            out[f"encoder.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"] = v
-        elif (m := re.fullmatch(r"blocks\.(\d+)\.attn\.q_bias", k)):
-            v_bias = eva[f"blocks.{m.group(1)}.attn.v_bias"]
-            out[f"encoder.layers.{m.group(1)}.self_attn.qkv.bias"] = torch.cat([v, torch.zeros_like(v_bias), v_bias])
-    return out
-
-
-# LAVIS Qformer.bert keys the query-only path never reads: the text embeddings, the text FFN of
-# every layer (intermediate / output; the queries use intermediate_query / output_query) and the
-# LM head. BuboGPT keeps them in the audio Q-Former (only the vision one drops them: load_Qformer).
-_TEXT_ONLY = re.compile(r"(cls\..*|bert\.embeddings\.(word_embeddings|position_embeddings|position_ids).*"
-                        r"|bert\.encoder\.layer\.\d+\.(intermediate|output)\..*)")
-
-
-def lavis_qformer_to_hf(state: dict) -> tuple[dict, object]:
-    """SequenceGenericQFormer keys (Qformer.bert.*, query_tokens) -> (HF Blip2QFormerModel
-    state, query_tokens [1, Q, D]). Same math: LayerNorm(query_embeds), BERT layers with
-    cross-attention every 2nd layer, the query FFN."""
-    out = {}
-    for k, v in state.items():
-        if not k.startswith("Qformer.") or _TEXT_ONLY.fullmatch(k[len("Qformer."):]):
-            continue
-        k = k[len("Qformer.bert."):]
-        k = k.replace("embeddings.LayerNorm.", "layernorm.")
-        k = k.replace(".attention.self.", ".attention.attention.").replace(".crossattention.self.",
-                                                                           ".crossattention.attention.")
-        out[k] = v
-    return out, state["query_tokens"]
-
-
-def build_vision(cfg: dict, src: Path):
+def build_vision(cfg: dict, load: Callable[[str], dict]):
     """EVA ViT-g + ln_vision: pixel_values -> image_embeds [B, 257, Dv]."""
-    import torch
-    from transformers import Blip2VisionConfig, Blip2VisionModel
-
-    class Vision(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            conf = Blip2VisionConfig(**cfg["vision_config"])
-            conf._attn_implementation = "eager"
-            self.vision_model = Blip2VisionModel(conf)
-            self.vision_model.post_layernorm.eps = float(cfg.get("ln_vision_eps", LN_VISION_EPS))
-
-        def forward(self, pixel_values):
-            return self.vision_model(pixel_values=pixel_values).last_hidden_state
-
-    m = Vision()
-    m.vision_model.load_state_dict(eva_to_hf(load_state(src, VISION_PREFIX), load_state(src, LN_VISION_PREFIX)))
-    return m.eval()
+    vc = cfg["vision_config"]
+    state = eva_to_hf(load(VISION_PREFIX), load(LN_VISION_PREFIX), vc["num_hidden_layers"])
+    return vision_module(vc, state, cfg.get("ln_vision_eps", LN_VISION_EPS))
 
 
-def build_qformer(cfg: dict, key: str, src: Path):
+def build_qformer(cfg: dict, key: str, load: Callable[[str], dict]):
     """modality_qformers.<key>: 32 queries cross-attending to [B, N, De] -> [B, 32, Dq]."""
-    import torch
-    from transformers import Blip2QFormerConfig, Blip2QFormerModel
-
-    class QFormer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            conf = Blip2QFormerConfig(**cfg["qformer_config" if key == "vision" else "audio_qformer_config"])
-            conf._attn_implementation = "eager"
-            self.qformer = Blip2QFormerModel(conf)
-            self.query_tokens = torch.nn.Parameter(torch.zeros(1, cfg["num_query_token"], conf.hidden_size))
-
-        def forward(self, embeds):
-            query = self.query_tokens.expand(embeds.shape[0], -1, -1)          # [1,Q,D] -> [B,Q,D]
-            mask = torch.ones(embeds.shape[:-1], dtype=torch.long)
-            return self.qformer(query_embeds=query, encoder_hidden_states=embeds,
-                                encoder_attention_mask=mask).last_hidden_state
-
-    m = QFormer()
-    state, query = lavis_qformer_to_hf(load_state(src, f"{JOIN}modality_qformers.{key}."))
-    m.qformer.load_state_dict(state)
-    m.query_tokens.data.copy_(query)
-    return m.eval()
+    state, query = lavis_qformer_to_hf(load(f"{JOIN}modality_qformers.{key}."))
+    return qformer_module(cfg["qformer_config" if key == "vision" else "audio_qformer_config"], state, query)
 
 
 def imagebind_sizes(cfg: dict):
@@ -198,7 +107,7 @@ def imagebind_sizes(cfg: dict):
                                audio_kernel=a.get("kernel", 16), audio_stride=a.get("stride", 10))
 
 
-def load_audio_imagebind(cfg: dict, src: Path):
+def load_audio_imagebind(cfg: dict, load: Callable[[str], dict]):
     """The ImageBind audio modality with the checkpoint's weights. The head is unused
     (with_bind_head False) and may be absent; the postprocessor's log_logit_scale is a
     fixed buffer (learnable=False) that defaults to log(20) when absent."""
@@ -208,14 +117,14 @@ def load_audio_imagebind(cfg: dict, src: Path):
     state = {}
     for part in AUDIO_PARTS:
         try:
-            state.update({part + k: v for k, v in load_state(src, ENC + part).items()})
-        except KeyError:
+            state.update({part + k: v for k, v in load(ENC + part).items()})
+        except (KeyError, ExportError):
             if "postprocessors" not in part:
                 raise
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("modality_heads.") and not k.endswith("log_logit_scale")]
     if missing or unexpected:
-        raise KeyError(f"audio ImageBind weights do not match: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise ExportError(f"audio ImageBind weights do not match: missing {missing[:4]}, unexpected {unexpected[:4]}")
     return model.eval()
 
 
@@ -226,7 +135,7 @@ def audio_scale(model) -> float:
     return float(torch.clamp(post.log_logit_scale.exp(), max=post.max_scale))
 
 
-def build_audio_trunk(cfg: dict, src: Path):
+def build_audio_trunk(cfg: dict, load: Callable[[str], dict]):
     """One clip per batch row: fbank [B, 1, 128, 204] -> trunk tokens [B, 229, Da] (no head, no norm)."""
     import torch
 
@@ -238,7 +147,7 @@ def build_audio_trunk(cfg: dict, src: Path):
         def forward(self, fbank):
             return self.model.tokens("audio", fbank)
 
-    return AudioTrunk(load_audio_imagebind(cfg, src)).eval()
+    return AudioTrunk(load_audio_imagebind(cfg, load)).eval()
 
 
 def stage_specs(cfg: dict) -> dict[str, OnnxStageSpec]:
@@ -285,23 +194,101 @@ def modality_records(cfg: dict, scale: float) -> dict:
     }
 
 
-def export_bubogpt(src: str, out: Path, quant: str = "Q4_K_M",
-                   log: Callable[[str], None] = print, encoder_precision: str = "fp32") -> Path:
+# Published file -> (MMGPT4 prefix its keys go under, which keys): the original's load order.
+IMAGEBIND_NAMES = ("imagebind_huge.pth",)
+MINIGPT4_PROJ_NAMES = ("prerained_minigpt4_7b.pth",)
+BUBOGPT_NAMES = ("bubogpt_7b.pth",)
+IMAGEBIND_AUDIO_HEAD_DIM = 64        # imagebind_huge audio trunk: 768 / 12 heads
+
+
+def assemble_release(src_dir: Path, log) -> dict:
+    """The release files -> one MMGPT4-keyed state dict, later files winning (see the docstring)."""
+    from .checkpoints import read_state_dict
+
+    state: dict = {}
+    path = find_release_file(src_dir, IMAGEBIND_NAMES)
+    ib = read_state_dict(path, "ImageBind-huge weights")
+    state.update({ENC + k: v for k, v in ib.items() if k.split(".")[1] == "audio"})     # the trunks served here
+    path = find_release_file(src_dir, ("eva_vit_g.pth",))
+    eva = read_eva_vit_g(path)
+    state.update({VISION_PREFIX + k: v for k, v in eva.items()})
+    path = find_release_file(src_dir, BLIP2_QFORMER_NAMES)
+    blip2 = read_blip2(path)
+    state[LN_VISION_PREFIX + "weight"], state[LN_VISION_PREFIX + "bias"] = blip2["ln_vision.weight"], blip2["ln_vision.bias"]
+    state.update({f"{JOIN}modality_qformers.vision.{k}": v for k, v in blip2.items() if not k.startswith("ln_vision.")})
+    proj_path = find_release_file(src_dir, MINIGPT4_PROJ_NAMES, required=False)
+    if proj_path is not None:
+        proj = read_state_dict(proj_path, "MiniGPT-4 stage-2 checkpoint")
+        for kind in ("weight", "bias"):
+            if f"llama_proj.{kind}" in proj:
+                state[f"{JOIN}modality_post_projectors.vision.fc.{kind}"] = proj[f"llama_proj.{kind}"]
+    path = find_release_file(src_dir, BUBOGPT_NAMES)
+    bubo = read_state_dict(path, "BuboGPT checkpoint")
+    state.update(bubo)                                              # load_state_dict(ckpt['model'], strict=False)
+    log(f"release: {len(state)} tensors from {IMAGEBIND_NAMES[0]}, eva_vit_g.pth, {BLIP2_QFORMER_NAMES[0]}, "
+        f"{proj_path.name + ', ' if proj_path else ''}{BUBOGPT_NAMES[0]}")
+    needed = {f"{JOIN}modality_qformers.audio.query_tokens": BUBOGPT_NAMES[0],
+              f"{JOIN}modality_post_projectors.audio.fc.weight": BUBOGPT_NAMES[0],
+              f"{JOIN}modality_post_projectors.vision.fc.weight": f"{BUBOGPT_NAMES[0]} or {MINIGPT4_PROJ_NAMES[0]}",
+              f"{ENC}modality_trunks.audio.blocks.0.attn.in_proj_weight": IMAGEBIND_NAMES[0]}
+    missing = [f"{k} (from {where})" for k, where in needed.items() if k not in state]
+    if missing:
+        raise ExportError(f"{src_dir}: the release lacks {'; '.join(missing)}")
+    return state
+
+
+def release_config(state: dict, src_dir: Path, text_cfg: dict) -> dict:
+    """config.json words for an assembled release, read off its tensors."""
+    eva = {k[len(VISION_PREFIX):]: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
+    sub = lambda p: {k[len(p):]: v for k, v in state.items() if k.startswith(p)}  # noqa: E731
+    trunk = ENC + "modality_trunks.audio.blocks."
+    width = int(state[trunk + "0.attn.in_proj_weight"].shape[1])
+    depth = len({k[len(trunk):].split(".")[0] for k in state if k.startswith(trunk)})
+    if width % IMAGEBIND_AUDIO_HEAD_DIM:
+        raise ExportError(f"{src_dir}: ImageBind audio trunk of width {width} is not a multiple of "
+                          f"{IMAGEBIND_AUDIO_HEAD_DIM} (its heads' width)")
+    vision_q = qformer_config(sub(f"{JOIN}modality_qformers.vision."), BLIP2_QFORMER_NAMES[0])
+    audio_q = qformer_config(sub(f"{JOIN}modality_qformers.audio."), BUBOGPT_NAMES[0])
+    return {"model_type": FAMILY, "num_query_token": int(state[f"{JOIN}modality_qformers.vision.query_tokens"].shape[1]),
+            "ln_vision_eps": LN_VISION_EPS, "vision_config": eva_config(eva, "eva_vit_g.pth"),
+            "qformer_config": vision_q, "audio_qformer_config": audio_q,
+            "audio_config": {"width": width, "depth": depth, "heads": width // IMAGEBIND_AUDIO_HEAD_DIM},
+            "text_config": text_cfg}
+
+
+def export_bubogpt(src: str, out: Path, quant: str = "Q4_K_M", log: Callable[[str], None] = print,
+                   encoder_precision: str = "fp32", llm: str | None = None) -> Path:
+    from scops.runtime.templates import BUBOGPT
+
     if encoder_precision != "fp32":
-        raise ValueError("bubogpt: --encoder-precision other than fp32 is not supported yet")
-    src_dir = resolve_source(src)
-    cfg = read_config(src_dir)
+        raise ExportError("bubogpt: --encoder-precision other than fp32 is not supported yet")
+    src_dir = resolve_source(src, family(FAMILY))
+    if (src_dir / "config.json").is_file():                          # a converted folder
+        cfg, llm_dir = read_config(src_dir), None
+
+        def load(prefix: str) -> dict:
+            return load_state(src_dir, prefix)
+    else:                                                             # the published release
+        llm_dir = find_llm_folder(src_dir, llm)
+        state = assemble_release(src_dir, log)
+        cfg = release_config(state, src_dir, llama_config(llm_dir))
+
+        def load(prefix: str) -> dict:
+            out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not out:
+                raise ExportError(f"{src_dir}: the release has no tensors under '{prefix}'")
+            return out
     text_cfg = dict(cfg["text_config"])
     specs = stage_specs(cfg)
-    scale = audio_scale(load_audio_imagebind(cfg, src_dir))
+    scale = audio_scale(load_audio_imagebind(cfg, load))
     fam = FamilyExport(
         family=FAMILY,
-        stages=((lambda: build_vision(cfg, src_dir), specs["vision"]),
-                (lambda: build_qformer(cfg, "vision", src_dir), specs["qformer"]),
-                (lambda: build_audio_trunk(cfg, src_dir), specs["audio_trunk"]),
-                (lambda: build_qformer(cfg, "audio", src_dir), specs["audio_qformer"])),
+        stages=((lambda: build_vision(cfg, load), specs["vision"]),
+                (lambda: build_qformer(cfg, "vision", load), specs["qformer"]),
+                (lambda: build_audio_trunk(cfg, load), specs["audio_trunk"]),
+                (lambda: build_qformer(cfg, "audio", load), specs["audio_qformer"])),
         projection_prefix=PROJECTORS[0][0], projectors=PROJECTORS,
-        llm_prefix=LLM_PREFIX, text_config=text_cfg, template=BUBOGPT_TEMPLATE,
-        modalities=modality_records(cfg, scale),
+        llm_prefix=LLM_PREFIX if llm_dir is None else "", text_config=text_cfg, template=BUBOGPT,
+        modalities=modality_records(cfg, scale), llm_dir=llm_dir, load=load,
     )
     return assemble_bundle(fam, src_dir, out, quant, log, encoder_precision)

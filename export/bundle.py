@@ -12,9 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scops.runtime.bundle import sha256_file
-
-MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+from scops.runtime.contract import MANIFEST, SCHEMA_VERSION, check_manifest
 
 
 class BundleBuilder:
@@ -50,6 +48,7 @@ class BundleBuilder:
 
     def commit(self, manifest: dict) -> Path:
         manifest = {"schema": SCHEMA_VERSION, **manifest, "files": self.files}
+        check_manifest(manifest, f"{self.out.name}/{MANIFEST}")       # the runtime's own contract
         tmp = self.dir / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, self.dir / MANIFEST)

@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import sys
 
-from scops.runtime.errors import ScopsError
+from scops.runtime.errors import ExportError, ScopsError
+from scops.runtime.families import family
 
-FAMILIES = ("minigpt4", "instructblip", "pandagpt", "bubogpt")
-
-
-class ExportError(ScopsError):
-    """An export that cannot proceed (bad source, unsupported model, failed parity)."""
+__all__ = ["ExportError", "run_export"]
 
 
 def _log(msg: str) -> None:
@@ -17,18 +14,15 @@ def _log(msg: str) -> None:
 
 
 def run_export(args) -> int:
-    from .bubogpt import export_bubogpt
-    from .instructblip import export_instructblip
-    from .minigpt4 import export_minigpt4
-    from .pandagpt import export_pandagpt
-
-    exporters = {"minigpt4": export_minigpt4, "instructblip": export_instructblip, "pandagpt": export_pandagpt,
-                 "bubogpt": export_bubogpt}
-    if args.family not in exporters:
-        raise ExportError(f"unknown family {args.family!r} (have: {', '.join(FAMILIES)})")
+    fam = family(args.family)
+    options = {"log": _log, "encoder_precision": getattr(args, "encoder_precision", "fp32")}
+    if getattr(args, "llm", None):
+        options["llm"] = str(args.llm)
     try:
-        exporters[args.family](args.src, args.out, args.quant, log=_log,
-                               encoder_precision=getattr(args, "encoder_precision", "fp32"))
-    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        raise ExportError(f"export failed: {e}") from None
+        fam.export_fn()(args.src, args.out, args.quant, **options)
+    except ScopsError:
+        raise
+    except (FileNotFoundError, ValueError, KeyError, OSError, RuntimeError) as e:
+        # what a source folder can be wrong about: name it, in one line
+        raise ExportError(f"export failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return 0

@@ -162,16 +162,14 @@ def build_bubogpt_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
     return build(out, shape)
 
 
-BUILDERS = {"minigpt4-tiny": build_minigpt4_tiny, "instructblip-tiny": build_instructblip_tiny,
-            "pandagpt-tiny": build_pandagpt_tiny, "bubogpt-tiny": build_bubogpt_tiny}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scops.export.fixtures", description=__doc__.split("\n")[0])
-    ap.add_argument("name", choices=sorted(BUILDERS))
+    from scops.runtime.families import FIXTURES, fixture_builder
+
+    ap.add_argument("name", choices=sorted(FIXTURES))
     ap.add_argument("out", type=Path)
     args = ap.parse_args(argv)
-    path = BUILDERS[args.name](args.out)
+    path = fixture_builder(args.name)(args.out)
     print(f"wrote {args.name} checkpoint to {path}", file=sys.stderr)
     return 0
 

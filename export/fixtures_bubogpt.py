@@ -15,13 +15,15 @@ import json
 from pathlib import Path
 
 from .bundle import atomic_dir
-from .bubogpt import BUBOGPT_TEMPLATE, ENC, JOIN, LLM_PREFIX, LN_VISION_PREFIX, SYSTEM, VISION_PREFIX
+from scops.runtime.templates import BUBOGPT, BUBOGPT_SYSTEM
+
+from .bubogpt import ENC, JOIN, LLM_PREFIX, LN_VISION_PREFIX, VISION_PREFIX
 from .fixtures import TinyShape, _configs, _randomize
 
 # Width of the tiny audio trunk: ImageBindSizes.tiny().audio (32 wide, 2 blocks, 2 heads).
 AUDIO_TRUNK = {"width": 32, "depth": 2, "heads": 2, "mel_bins": 128, "target_frames": 204, "kernel": 16, "stride": 10}
 # Text the tokenizer should know: the system prompt and the media markup.
-EXTRA_TEXT = (SYSTEM, *BUBOGPT_TEMPLATE["media"].values(), "###Human: ###Assistant:")
+EXTRA_TEXT = (BUBOGPT_SYSTEM, *BUBOGPT["media"].values(), "###Human: ###Assistant:")
 TEXT_VOCAB = 64               # rows of the (unused) text embedding kept in the audio Q-Former
 TEXT_POSITIONS = 512          # BERT max_position_embeddings (LAVIS registers position_ids [1, 512])
 
@@ -135,4 +137,59 @@ def build_bubogpt_tiny(out: Path, shape: TinyShape | None = None) -> Path:
         save_file(make_state(cfg, shape.seed), str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         (tmp / "scops_fixture.json").write_text(json.dumps({"family": "bubogpt", "shape": shape.__dict__}, indent=1))
+    return Path(out)
+
+
+def release_config(shape: TinyShape, n_vocab: int) -> dict:
+    """Toy widths that keep the originals' head widths (EVA 88, BERT 64, ImageBind audio 64),
+    one EVA block more than used (the 40-block file read by a 39-block ViT)."""
+    from .fixtures_minigpt4 import EVA, QFORMER
+
+    base = _configs(shape, n_vocab)
+    audio = {"width": 128, "depth": 2, "heads": 2, "mel_bins": 128, "target_frames": 204, "kernel": 16, "stride": 10}
+    return {"model_type": "bubogpt", "num_query_token": shape.queries, "vision_config": EVA, "ln_vision_eps": 1e-5,
+            "qformer_config": QFORMER, "audio_config": audio,
+            "audio_qformer_config": dict(QFORMER, encoder_hidden_size=audio["width"]),
+            "text_config": base["text_config"]}
+
+
+def build_bubogpt_release_tiny(out: Path, shape: TinyShape | None = None) -> Path:
+    """The BuboGPT release as published: bubogpt_7b.pth ({'model': audio Q-Former + both
+    post-projectors}), imagebind_huge.pth (flat, extra modalities' keys too), eva_vit_g.pth
+    (fp16), blip2_pretrained_flant5xxl.pth ({'model': ...}), prerained_minigpt4_7b.pth (a
+    llama_proj that bubogpt_7b.pth's vision projector overrides), vicuna/ (fp16 .bin shards)."""
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .spm import train_tokenizer
+
+    shape = shape or TinyShape()
+    with atomic_dir(out) as tmp:
+        vicuna = tmp / "vicuna"
+        train_tokenizer(vicuna, vocab_size=shape.vocab, extra_text=EXTRA_TEXT)
+        n_vocab = spm.SentencePieceProcessor(model_file=str(vicuna / "tokenizer.model")).get_piece_size()
+        cfg = release_config(shape, n_vocab)
+        state = make_state(cfg, shape.seed)
+        take = lambda p: {k[len(p):]: v for k, v in state.items() if k.startswith(p)}  # noqa: E731
+
+        imagebind = take(ENC)
+        imagebind = {k: v for k, v in imagebind.items() if ".audio." in f".{k}"}
+        imagebind["modality_trunks.text.blocks.0.attn.in_proj_weight"] = torch.randn(24, 8)   # unread modalities
+        torch.save(imagebind, tmp / "imagebind_huge.pth")
+        torch.save({k: v.half() for k, v in take(VISION_PREFIX).items()}, tmp / "eva_vit_g.pth")
+        blip2 = take(f"{JOIN}modality_qformers.vision.")
+        blip2.update({"ln_vision." + k: v for k, v in take(LN_VISION_PREFIX).items()})
+        blip2.update({"t5_proj.weight": torch.randn(64, cfg["qformer_config"]["hidden_size"]),
+                      "t5_proj.bias": torch.zeros(64)})
+        torch.save({"model": blip2}, tmp / "blip2_pretrained_flant5xxl.pth")
+        proj = state[f"{JOIN}modality_post_projectors.vision.fc.weight"]
+        torch.save({"model": {"llama_proj.weight": torch.randn_like(proj), "llama_proj.bias": torch.zeros(len(proj))}},
+                   tmp / "prerained_minigpt4_7b.pth")
+        bubo = {k: v for k, v in state.items()
+                if k.startswith((f"{JOIN}modality_qformers.audio.", f"{JOIN}modality_post_projectors."))}
+        torch.save({"model": bubo, "epoch": 1}, tmp / "bubogpt_7b.pth")
+        llama = LlamaForCausalLM(LlamaConfig(**cfg["text_config"]))
+        llama.load_state_dict(take(LLM_PREFIX))
+        llama.half().save_pretrained(vicuna, safe_serialization=False, max_shard_size="300KB")
     return Path(out)

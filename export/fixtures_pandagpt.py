@@ -1,17 +1,22 @@
-"""Tiny PandaGPT source folder in the original release's layout (see export/pandagpt.py):
-ImageBind (all six encoders, toy widths, real input shapes), a Vicuna-shaped LLaMA with a
-sentencepiece tokenizer trained on the spot, and the delta (llama_proj + LoRA on q,k,v,o)."""
+"""Tiny PandaGPT release in the layout and form its authors write it (see export/pandagpt.py):
+- imagebind_huge.pth: ImageBind's flat state dict (all six encoders at toy widths, the real
+  input shapes and head widths), saved with torch.save;
+- vicuna/: a Vicuna-shaped LLaMA saved as transformers of that time saved Vicuna v0:
+  fp16 `pytorch_model-0000N-of-0000M.bin` shards with their index, plus a sentencepiece
+  tokenizer trained on the spot;
+- pytorch_model.pt: the delta as DeepSpeedAgent.save_model writes it: every trainable
+  nn.Parameter (requires_grad=True, fp16 as the DeepSpeed fp16 engine holds them) under
+  its name in the model, peft >= 0.3's `.default` adapter names included."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
+from collections import OrderedDict
 from pathlib import Path
 
 from .bundle import atomic_dir
 from .fixtures import TinyShape, _configs, _randomize
 
-LORA_R = 8               # tiny rank (the release uses 32); alpha stays 32 as in the release
-LORA_ALPHA = 32
+LORA_R = 8               # tiny rank (the release uses 32); alpha is the release's 32
+SHARD = "300KB"          # small enough that the tiny LLaMA spans several .bin shards
 
 
 def build_pandagpt_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
@@ -24,9 +29,7 @@ def build_pandagpt_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
     from .spm import train_tokenizer
 
     with atomic_dir(out) as tmp:
-        sizes = ImageBindSizes.tiny()
-        torch.save(build_imagebind(sizes, seed=shape.seed).state_dict(), tmp / "imagebind_huge.pth")
-        (tmp / "imagebind_sizes.json").write_text(json.dumps(asdict(sizes), indent=1))
+        torch.save(build_imagebind(ImageBindSizes.tiny(), seed=shape.seed).state_dict(), tmp / "imagebind_huge.pth")
 
         vicuna = tmp / "vicuna"
         train_tokenizer(vicuna, vocab_size=shape.vocab)
@@ -39,17 +42,17 @@ def build_pandagpt_tiny(out: Path, shape: TinyShape = TinyShape()) -> Path:
                 super().__init__()
                 self.language_model = llama
         _randomize(Wrapped(), shape.seed)
-        llama.save_pretrained(vicuna, safe_serialization=True)
+        llama.half().save_pretrained(vicuna, safe_serialization=False, max_shard_size=SHARD)
 
         gen = torch.Generator().manual_seed(shape.seed + 1)
-        width = shape.llm_width
-        delta = {"llama_proj.weight": torch.randn(width, sizes.out_dim, generator=gen) / sizes.out_dim ** 0.5,
+        width, out_dim = shape.llm_width, ImageBindSizes.tiny().out_dim
+        draws = {"llama_proj.weight": torch.randn(width, out_dim, generator=gen) / out_dim ** 0.5,
                  "llama_proj.bias": 0.02 * torch.randn(width, generator=gen)}
         for i in range(shape.llm_layers):
             for p in "qkvo":
                 base = f"llama_model.base_model.model.model.layers.{i}.self_attn.{p}_proj"
-                delta[f"{base}.lora_A.weight"] = torch.randn(LORA_R, width, generator=gen) / width ** 0.5
-                delta[f"{base}.lora_B.weight"] = 0.05 * torch.randn(width, LORA_R, generator=gen)
+                draws[f"{base}.lora_A.default.weight"] = torch.randn(LORA_R, width, generator=gen) / width ** 0.5
+                draws[f"{base}.lora_B.default.weight"] = 0.05 * torch.randn(width, LORA_R, generator=gen)
+        delta = OrderedDict((k, torch.nn.Parameter(v.half(), requires_grad=True)) for k, v in draws.items())
         torch.save(delta, tmp / "pytorch_model.pt")
-        (tmp / "pandagpt_config.json").write_text(json.dumps({"lora_r": LORA_R, "lora_alpha": LORA_ALPHA}))
     return Path(out)

@@ -29,6 +29,9 @@ MODALITIES = ("vision", "audio", "depth", "thermal", "imu")
 # LayerNorm eps of the trunks' blocks, the vision pre-LN and every head (the stems'
 # norm layers use nn.LayerNorm's default 1e-5).
 LN_EPS = 1e-6
+# Width of one attention head per trunk in imagebind_huge: vision 1280 / 16, audio 768 / 12,
+# depth 384 / 8, thermal 768 / 12, imu 512 / 8.
+HEAD_DIMS = {"vision": 80, "audio": 64, "depth": 48, "thermal": 64, "imu": 64}
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,26 @@ class ImageBindSizes:
 
     @staticmethod
     def tiny() -> "ImageBindSizes":
-        return ImageBindSizes(vision=TrunkSize(32, 2, 2), audio=TrunkSize(32, 2, 2),
-                              depth=TrunkSize(16, 1, 2), thermal=TrunkSize(32, 1, 2),
-                              imu=TrunkSize(16, 1, 2), out_dim=24)
+        """Two heads of the release's own head width per trunk (HEAD_DIMS), so the sizes
+        read off a tiny checkpoint the same way as off imagebind_huge.pth."""
+        two = {m: TrunkSize(2 * d, 2 if m in ("vision", "audio") else 1, 2) for m, d in HEAD_DIMS.items()}
+        return ImageBindSizes(**two, out_dim=24)
+
+    @staticmethod
+    def from_state(state: dict, path="ImageBind checkpoint") -> "ImageBindSizes":
+        """Trunk widths and depths read off an ImageBind state dict (original keys), heads
+        from the release's head widths; the input geometry is the release's."""
+        trunks = {}
+        for m, head_dim in HEAD_DIMS.items():
+            p = f"modality_trunks.{m}.blocks."
+            if p + "0.attn.in_proj_weight" not in state:
+                raise KeyError(f"{path}: no {m} trunk (modality_trunks.{m}.blocks.0.attn.in_proj_weight)")
+            width = int(state[p + "0.attn.in_proj_weight"].shape[1])
+            if width % head_dim:
+                raise KeyError(f"{path}: {m} trunk width {width} is not a multiple of its head width {head_dim}")
+            depth = len({k[len(p):].split(".")[0] for k in state if k.startswith(p)})
+            trunks[m] = TrunkSize(width, depth, width // head_dim)
+        return ImageBindSizes(**trunks, out_dim=int(state["modality_heads.vision.2.weight"].shape[0]))
 
     def trunk(self, modality: str) -> TrunkSize:
         return getattr(self, modality)

@@ -14,30 +14,15 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .assemble import FamilyExport, assemble_bundle
-from .minigpt4 import BLIP2_IMAGE, build_qformer, build_vision, load_config, projector_record, vision_spec
+from .assemble import FamilyExport, assemble_bundle, load_state
+from .blip2 import BLIP2_IMAGE, qformer_module, vision_module, vision_spec
+from .minigpt4 import load_config, projector_record
 from .onnx_stages import OnnxStageSpec, TensorSpec
 
 FAMILY = "instructblip"
 # LAVIS blip2_vicuna_instruct: Q-Former text max_txt_len 128, tokenizer truncation_side "left".
 INSTRUCTION_MAX_LEN = 128
 QFORMER_TOKENIZER = "qformer_tokenizer.json"
-# The original takes one instruction and answers it: [rows][BOS]{prompt}, stop at EOS.
-# Later turns (scops' extension; the original has none) append " {answer}\n{question}"; the
-# image rows stay conditioned on the question they came with, so earlier turns stay cached.
-INSTRUCTBLIP_TEMPLATE = {
-    "system": "",
-    "user": "{content}",
-    "assistant": "",
-    "answer": " {answer}\n",
-    "media": {"image": "<ImageHere>"},
-    "media_sep": "",
-    "placeholder": "<ImageHere>",
-    "bos": True,
-    "stop": [],
-}
-
-
 def find_qformer_tokenizer(src: Path) -> Path:
     """HF folders keep the BERT tokenizer of the Q-Former in qformer_tokenizer/."""
     for cand in (src / "qformer_tokenizer" / "tokenizer.json", src / "qformer_tokenizer.json"):
@@ -52,10 +37,13 @@ def export_instructblip(src: str, out: Path, quant: str = "Q4_K_M",
         raise ValueError("instructblip: --encoder-precision other than fp32 is not supported yet")
     from transformers import InstructBlipConfig, InstructBlipVisionModel
 
+    from scops.runtime.templates import INSTRUCTBLIP
+
     src_dir, config = load_config(InstructBlipConfig, src, "instructblip")
     tok = find_qformer_tokenizer(src_dir)
     text_cfg = config.text_config.to_dict()
-    vspec = vision_spec(config)
+    vc, qc = config.vision_config, config.qformer_config
+    vspec = vision_spec(vc.image_size, vc.patch_size, vc.hidden_size)
     qspec = OnnxStageSpec(
         name="qformer", file="qformer.onnx",
         inputs=(TensorSpec("image_embeds", vspec.outputs[0].shape),
@@ -66,10 +54,12 @@ def export_instructblip(src: str, out: Path, quant: str = "Q4_K_M",
     special = json.loads(tok.read_text())["model"]["vocab"]
     fam = FamilyExport(
         family=FAMILY,
-        stages=((lambda: build_vision(InstructBlipVisionModel, config, src_dir), vspec),
-                (lambda: build_qformer(config, src_dir, with_text=True), qspec)),
+        stages=((lambda: vision_module(vc, load_state(src_dir, "vision_model."), vision_cls=InstructBlipVisionModel),
+                  vspec),
+                (lambda: qformer_module(qc, load_state(src_dir, "qformer."), load_state(src_dir, "query_tokens")[""],
+                                        with_text=True), qspec)),
         projection_prefix="language_projection.", llm_prefix="language_model.", text_config=text_cfg,
-        template=INSTRUCTBLIP_TEMPLATE,
+        template=INSTRUCTBLIP,
         extra_files=((QFORMER_TOKENIZER, lambda path: shutil.copyfile(tok, path)),),
         modalities={"image": {
             "preprocess": BLIP2_IMAGE,
@@ -83,7 +73,7 @@ def export_instructblip(src: str, out: Path, quant: str = "Q4_K_M",
                  "inputs": {"image_embeds": "image_embeds", "input_ids": "instruction_ids",
                             "attention_mask": "instruction_mask"},
                  "output": "query_output"},
-                projector_record(config, text_cfg),
+                projector_record(qc.hidden_size, text_cfg["hidden_size"]),
             ],
         }},
     )

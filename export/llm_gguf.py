@@ -1,9 +1,12 @@
 """Convert a HF LLaMA/Vicuna checkpoint to GGUF (llama.cpp ``llama`` arch), and quantize it.
 
-The conversion streams: tensor shapes are read from the safetensors headers,
-the GGUF header / metadata / tensor table are written first, then each tensor
-is loaded, converted and written on its own, so peak memory is one tensor
-(a 7B model converts on a small machine). The output appears atomically.
+The conversion streams: tensor shapes are read from the checkpoint's headers (any HF
+form: safetensors or `.bin`, sharded or not; export/checkpoints.py), the GGUF header /
+metadata / tensor table are written first, then each tensor is loaded, converted and
+written on its own, so peak memory is one tensor (a 7B model converts on a small
+machine). Tokens the HF tokenizer adds beyond its sentencepiece model are written at
+their ids as CONTROL tokens: only a template's own markup produces them. The output
+appears atomically.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from .checkpoints import TensorIndex, read_added_tokens
 
 # Defaults of transformers' LlamaConfig, used when a (nested) text config
 # omits them, as BLIP-2 / InstructBLIP configs often do.
@@ -58,22 +63,6 @@ def load_text_config(src: Path, config: Mapping[str, Any] | None) -> dict[str, A
     if missing:
         raise ValueError(f"LLaMA config lacks {missing}")
     return cfg
-
-
-def list_safetensors(src: Path) -> list[Path]:
-    """The checkpoint's safetensors files (single file or sharded with an index)."""
-    src = Path(src)
-    index = src / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [src / name for name in sorted(set(weight_map.values()))]
-    single = src / "model.safetensors"
-    if single.exists():
-        return [single]
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {src}")
-    return files
 
 
 def read_sentencepiece_vocab(tokenizer_model: Path) -> tuple[list[str], list[float], list[int], dict[str, int]]:
@@ -153,40 +142,25 @@ def convert_tensor(w: np.ndarray, rotary: str | None, cfg: Mapping[str, Any], ou
     return np.ascontiguousarray(w.astype(target, copy=False))
 
 
-def index_checkpoint(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Map every tensor name to (file, shape), reading only safetensors headers."""
-    from safetensors import safe_open
-
-    index: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for key in h.keys():
-                index[key] = (f, tuple(h.get_slice(key).get_shape()))
-    return index
-
-
-def load_tensor(path: Path, name: str) -> np.ndarray:
-    """Load one tensor as float32. The file is mapped only for this call, so
-    the pages read are released before the next tensor (bounded RSS)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as h:
-        t = h.get_tensor(name)
-    return t.float().numpy()  # bf16/f16 -> f32 via torch (numpy lacks bf16)
-
-
-def _pad_vocab(tokens: list[str], scores: list[float], types: list[int], n_vocab: int) -> None:
-    """Extend the token table to the model's vocab (e.g. Vicuna's extra pad row)."""
+def _pad_vocab(tokens: list[str], scores: list[float], types: list[int], n_vocab: int,
+               added: Mapping[str, int] | None = None) -> None:
+    """Extend the token table to the model's vocab: added tokens (LEGO's <im_patch>, Emu's
+    [IMG], ...) at their ids as CONTROL, any other extra row (Vicuna's pad) as UNUSED."""
     from gguf import TokenType
 
     for i in range(len(tokens), n_vocab):
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)
-        types.append(int(TokenType.USER_DEFINED))
+        types.append(int(TokenType.UNUSED))
+    for text, i in (added or {}).items():
+        if i < 0 or i >= n_vocab:
+            raise ValueError(f"added token {text!r} has id {i}, outside the model's {n_vocab} embedding rows")
+        if types[i] not in (int(TokenType.UNUSED), int(TokenType.CONTROL)) and tokens[i] != text:
+            raise ValueError(f"added token {text!r} has id {i}, which the sentencepiece model uses for {tokens[i]!r}")
+        tokens[i], scores[i], types[i] = text, -1000.0, int(TokenType.CONTROL)
 
 
-def check_shapes(cfg: Mapping[str, Any], plan: list[tuple[str, str, str | None]],
-                 index: Mapping[str, tuple[Path, tuple[int, ...]]]) -> None:
+def check_shapes(cfg: Mapping[str, Any], plan: list[tuple[str, str, str | None]], index: TensorIndex) -> None:
     """Fail early (not inside llama.cpp's loader) when weights and config disagree."""
     hidden, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = hidden // n_head
@@ -198,8 +172,8 @@ def check_shapes(cfg: Mapping[str, Any], plan: list[tuple[str, str, str | None]]
     }
     for hf_name, gg_name, _ in plan:
         kind = gg_name.split(".")[-2]
-        if kind in expected and index[hf_name][1] != tuple(expected[kind]):
-            raise ValueError(f"{hf_name}: shape {index[hf_name][1]} but config implies {expected[kind]}")
+        if kind in expected and index.shape(hf_name) != tuple(expected[kind]):
+            raise ValueError(f"{hf_name}: shape {index.shape(hf_name)} but config implies {expected[kind]}")
 
 
 def make_temp_beside(out_path: Path) -> Path:
@@ -256,6 +230,8 @@ def write_llama_gguf(
     prefix: str = "",
     config: Mapping[str, Any] | None = None,
     adjust: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    tensors: TensorIndex | None = None,
+    added_tokens: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Stream a HF LLaMA checkpoint folder into a GGUF file; return facts about it.
 
@@ -263,6 +239,8 @@ def write_llama_gguf(
     BLIP-2 checkpoint); `config` overrides the text config from config.json.
     `progress(i, n, gguf_name)` is called after tensor i (0-based) of n is written.
     `adjust(hf_name, w)` may change a tensor as it streams by (e.g. merge a LoRA delta).
+    `tensors` is the checkpoint's index (default: `TensorIndex.open(src)`); `added_tokens`
+    {text: id} (default: the folder's added_tokens.json / tokenizer_config.json).
     """
     import gguf
 
@@ -276,10 +254,11 @@ def write_llama_gguf(
     n_vocab = int(cfg["vocab_size"])
     if len(tokens) > n_vocab:
         raise ValueError(f"tokenizer has {len(tokens)} pieces but the model only {n_vocab} rows")
-    _pad_vocab(tokens, scores, types, n_vocab)
+    added = read_added_tokens(src) if added_tokens is None else added_tokens
+    _pad_vocab(tokens, scores, types, n_vocab, added)
 
-    index = index_checkpoint(list_safetensors(src))
-    plan = plan_tensors(cfg, prefix, set(index))
+    index = tensors if tensors is not None else TensorIndex.open(src)
+    plan = plan_tensors(cfg, prefix, index.names())
     check_shapes(cfg, plan, index)
 
     tmp = make_temp_beside(out_path)
@@ -307,13 +286,13 @@ def write_llama_gguf(
 
 
 def _write_all(writer: Any, cfg: Mapping[str, Any], name: str, dtype: str, out_dtype: np.dtype,
-               plan: list[tuple[str, str, str | None]], index: dict[str, tuple[Path, tuple[int, ...]]],
+               plan: list[tuple[str, str, str | None]], index: TensorIndex,
                vocab: tuple, progress: ProgressFn | None,
                adjust: Callable[[str, np.ndarray], np.ndarray] | None = None) -> int:
     """Declare all tensors, write header/metadata/table, then stream tensor data."""
     total = 0
     for hf_name, gg_name, _ in plan:
-        shape = index[hf_name][1]
+        shape = index.shape(hf_name)
         target = out_dtype if len(shape) == 2 else np.dtype(np.float32)
         nbytes = int(np.prod(shape)) * target.itemsize
         writer.add_tensor_info(gg_name, shape, target, nbytes)
@@ -323,7 +302,7 @@ def _write_all(writer: Any, cfg: Mapping[str, Any], name: str, dtype: str, out_d
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for i, (hf_name, gg_name, rotary) in enumerate(plan):
-        w = load_tensor(index[hf_name][0], hf_name)
+        w = index.load(hf_name)
         if adjust is not None:
             w = adjust(hf_name, w)
         data = convert_tensor(w, rotary, cfg, out_dtype)

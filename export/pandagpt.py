@@ -1,49 +1,43 @@
 """PandaGPT exporter: ImageBind-huge (six modalities) + llama_proj + Vicuna v0 with LoRA.
 
-Source folder (the original release's pieces side by side):
-  imagebind_huge.pth      ImageBind-huge state dict, original key names
-  imagebind_sizes.json    optional: trunk widths/depths/heads (default: huge)
-  vicuna/                 Vicuna v0 as an HF LLaMA folder (safetensors + tokenizer.model)
-  pytorch_model.pt        PandaGPT delta: llama_proj.{weight,bias} and the LoRA A/B of
-                          q,k,v,o (llama_model.base_model.model.model.layers.N.self_attn...)
-  pandagpt_config.json    optional: {"lora_r", "lora_alpha"} (default 32/32, openllama_peft.yaml)
+`--from FOLDER` holding the release's pieces as PandaGPT's authors publish them:
+  imagebind_huge.pth      ImageBind-huge state dict, original key names (sizes read off it)
+  <LLaMA folder>/         Vicuna v0 as an HF LLaMA folder (safetensors or .bin, sharded or
+                          not; the one LLaMA sub-folder, e.g. vicuna/, or --llm)
+  pytorch_model.pt        PandaGPT delta as DeepSpeedAgent.save_model writes it: the trainable
+                          parameters (nn.Parameters, requires_grad) under their model names:
+                          llama_proj.{weight,bias} and the LoRA A/B of q,k,v,o
+                          (llama_model.base_model.model.model.layers.N.self_attn.*_proj.lora_{A,B}
+                          [.default].weight), possibly wrapped in {'model': ...}
 
 The LoRA delta is MERGED into the LLaMA weights while they stream into the GGUF
-(W += alpha/r * B @ A): one set of weights to quantize and run at full llama.cpp speed;
-a GGUF adapter would keep a second matmul per projection at every decode step and an
-F16 side file, for nothing a chat needs (the adapter is never switched off).
+(W += alpha/r * B @ A; r from the tensors, alpha 32 from code/config/openllama_peft.yaml):
+one set of weights to quantize and run at full llama.cpp speed; a GGUF adapter would keep a
+second matmul per projection at every decode step and an F16 side file, for nothing a chat
+needs (the adapter is never switched off).
 
 Each modality is one ImageBind graph -> (mean over clips) -> llama_proj -> one row; the
 inputs of one turn are summed into that row (the manifest's "combine").
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .assemble import FamilyExport, assemble_bundle, resolve_source
+from scops.runtime.errors import ExportError
+from scops.runtime.families import family
+
+from .assemble import FamilyExport, assemble_bundle
+from .checkpoints import read_state_dict
+from .releases import find_llm_folder, find_release_file, llama_config, resolve_source
 
 FAMILY = "pandagpt"
-LORA_R = LORA_ALPHA = 32                 # code/config/openllama_peft.yaml
+LORA_ALPHA = 32                          # code/config/openllama_peft.yaml (lora_r 32, lora_alpha 32)
 _LORA_KEY = re.compile(r"llama_model\.base_model\.model\.(model\.layers\.\d+\.self_attn\.[qkvo]_proj)"
                        r"\.lora_([AB])(?:\.default)?\.weight$")
-# code/model/openllama.py: BOS + "### Human: <Img>" + row + "</Img> " + prompt + "\n### Assistant:";
-# web_demo.py continues with " {answer}\n### Human: {q}\n### Assistant:"; stop at "##" (id 2277).
-PANDAGPT_TEMPLATE = {
-    "system": "",
-    "user": "### Human: {content}",
-    "assistant": "\n### Assistant:",
-    "answer": " {answer}\n",
-    "media": {m: "<Img><ImageHere></Img>" for m in ("mix", "image", "audio", "video", "thermal", "depth", "imu")},
-    "media_sep": " ",
-    "placeholder": "<ImageHere>",
-    "bos": True,
-    "stop": ["##"],
-}
 # modality -> (ImageBind ONNX use, input name, clips averaged?, preprocess record)
 MODALITIES = {
     "image": ("vision", "pixel_values", False, {"kind": "image", "size": 224, "resize": "short_side_crop",
@@ -59,20 +53,19 @@ MODALITIES = {
 
 def read_delta(src: Path) -> tuple[dict, dict]:
     """-> (llama_proj tensors, {hf weight name: (A [r, in], B [out, r])}) as numpy."""
-    import torch
-
-    path = src / "pytorch_model.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{src}: pytorch_model.pt (PandaGPT delta weights) not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    proj = {k[len("llama_proj."):]: v.float().numpy() for k, v in state.items() if k.startswith("llama_proj.")}
+    path = find_release_file(src, ("pytorch_model.pt",))
+    state = read_state_dict(path, "PandaGPT delta weights")            # Parameters, wrappers, fp16: all fine
+    proj = {k[len("llama_proj."):]: v.numpy() for k, v in state.items() if k.startswith("llama_proj.")}
     lora: dict = {}
     for k, v in state.items():
         m = _LORA_KEY.match(k)
         if m:
-            lora.setdefault(m.group(1) + ".weight", {})[m.group(2)] = v.float().numpy()
+            lora.setdefault(m.group(1) + ".weight", {})[m.group(2)] = v.numpy()
     if set(proj) != {"weight", "bias"}:
-        raise KeyError(f"{path}: llama_proj.weight/bias missing")
+        raise ExportError(f"{path}: llama_proj.weight/bias missing")
+    broken = [k for k, ab in lora.items() if set(ab) != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]]
+    if broken or not lora:
+        raise ExportError(f"{path}: {'no LoRA weights' if not lora else 'unpaired LoRA A/B for ' + broken[0]}")
     return proj, {k: (ab["A"], ab["B"]) for k, ab in lora.items()}
 
 
@@ -86,44 +79,33 @@ def lora_merger(lora: dict, alpha: float) -> Callable[[str, np.ndarray], np.ndar
 
 
 def load_imagebind(src: Path):
-    import torch
-
     from .imagebind import build_imagebind, load_imagebind_state
-    from .imagebind_modules import ImageBindSizes, TrunkSize
+    from .imagebind_modules import ImageBindSizes
 
-    path = src / "imagebind_huge.pth"
-    if not path.exists():
-        raise FileNotFoundError(f"{src}: imagebind_huge.pth not found")
-    sizes = ImageBindSizes.huge()
-    cfg = src / "imagebind_sizes.json"
-    if cfg.exists():
-        raw = json.loads(cfg.read_text())
-        sizes = ImageBindSizes(**{k: TrunkSize(**v) if isinstance(v, dict) else v for k, v in raw.items()})
-    model = build_imagebind(sizes)
-    load_imagebind_state(model, torch.load(path, map_location="cpu", weights_only=True))
+    path = find_release_file(src, ("imagebind_huge.pth",))
+    state = read_state_dict(path, "ImageBind-huge weights")
+    try:
+        model = build_imagebind(ImageBindSizes.from_state(state, path))
+        load_imagebind_state(model, state)
+    except KeyError as e:
+        raise ExportError(str(e).strip("'\"")) from None
     return model.eval()
 
 
-def export_pandagpt(src: str, out: Path, quant: str = "Q4_K_M",
-                    log: Callable[[str], None] = print, encoder_precision: str = "fp32") -> Path:
+def export_pandagpt(src: str, out: Path, quant: str = "Q4_K_M", log: Callable[[str], None] = print,
+                    encoder_precision: str = "fp32", llm: str | None = None) -> Path:
     import torch
+
+    from scops.runtime.templates import PANDAGPT
 
     from .imagebind import imagebind_stage_specs, make_encoder
 
     if encoder_precision != "fp32":
-        raise ValueError("pandagpt: --encoder-precision other than fp32 is not supported yet")
-    src_dir = resolve_source(src)
-    vicuna = src_dir / "vicuna"
-    if not (vicuna / "config.json").exists():
-        raise FileNotFoundError(f"{src}: vicuna/ (HF LLaMA folder of Vicuna v0) not found")
-    text_cfg = json.loads((vicuna / "config.json").read_text())
-    if text_cfg.get("model_type") != "llama":
-        raise ValueError(f"{vicuna}: not a LLaMA model")
-    conf = json.loads((src_dir / "pandagpt_config.json").read_text()) if (src_dir / "pandagpt_config.json").exists() \
-        else {}
+        raise ExportError("pandagpt: --encoder-precision other than fp32 is not supported yet")
+    src_dir = resolve_source(src, family(FAMILY))
+    vicuna = find_llm_folder(src_dir, llm)
+    text_cfg = llama_config(vicuna)
     proj, lora = read_delta(src_dir)
-    if not lora:
-        raise KeyError(f"{src_dir}/pytorch_model.pt: no LoRA weights found")
     model = load_imagebind(src_dir)
     specs = imagebind_stage_specs(model.sizes)
     stages, modalities = [], {}
@@ -138,11 +120,11 @@ def export_pandagpt(src: str, out: Path, quant: str = "Q4_K_M",
         modalities[modality] = {"preprocess": pre, "rows": 1, "stages": chain + [record]}
     fam = FamilyExport(
         family=FAMILY, stages=tuple(stages), projection_prefix="llama_proj.", llm_prefix="",
-        text_config=text_cfg, template=PANDAGPT_TEMPLATE, modalities=modalities,
+        text_config=text_cfg, template=PANDAGPT, modalities=modalities,
         facts={"combine": {"op": "sum"},
                "lora": {"merged": True, "r": int(next(iter(lora.values()))[0].shape[0]),
-                        "alpha": float(conf.get("lora_alpha", LORA_ALPHA)), "tensors": len(lora)}},
-        llm_dir=vicuna, llm_adjust=lora_merger(lora, float(conf.get("lora_alpha", LORA_ALPHA))),
+                        "alpha": float(LORA_ALPHA), "tensors": len(lora)}},
+        llm_dir=vicuna, llm_adjust=lora_merger(lora, float(LORA_ALPHA)),
         load=lambda prefix: {k: torch.from_numpy(v) for k, v in proj.items()},
     )
     return assemble_bundle(fam, src_dir, out, quant, log)

@@ -14,7 +14,7 @@ import time
 from .errors import OptionError, PromptTooLong
 from .llm import Sampling
 from .modalities import SEND_ARGS
-from .template import MediaRef, Message, clean_answer, render, to_cells
+from .template import MediaRef, Message, history_answer, render, to_cells
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -60,7 +60,7 @@ class Conversation:
         if role not in ("user", "assistant"):
             raise OptionError(f"role must be 'user' or 'assistant', not {role!r}")
         refs = self._encode(media, text)[0]
-        self.messages.append(Message(role, text if role == "user" else clean_answer(text), refs))
+        self.messages.append(Message(role, text if role == "user" else text.strip(), refs))
 
     def _encode(self, media: dict, instruction: str) -> tuple[list, dict]:
         """media: {"images": [...], "audios": [...], ...} -> refs (in SEND_ARGS order), timings."""
@@ -133,6 +133,7 @@ class Reply:
         # addressable, e.g. for grounding phrases back to tokens
         self.offsets: list[int] = []
         self.finish_reason: str | None = None
+        self._eog: int | None = None       # the end-of-generation token that ended it, if one did
         self._cancel = threading.Event()
         self._gen = self._run()
 
@@ -180,7 +181,9 @@ class Reply:
             if sampler is not None:
                 llm.free_sampler(sampler)
             if added:
-                self.conv.messages.append(Message("assistant", clean_answer(self.text)))
+                answer = history_answer(session.bundle.template, self.text,
+                                        self.token_ids + ([self._eog] if self._eog is not None else []), llm.piece)
+                self.conv.messages.append(Message("assistant", answer))
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"
             if session.active is self:
@@ -201,7 +204,7 @@ class Reply:
                 t_first = t_last
                 self.timings["ttft_ms"] = (self._setup_s + t_first - t0) * 1e3
             if llm.is_eog(tok) and not self.opts.ignore_stop:
-                self.finish_reason = "stop"
+                self.finish_reason, self._eog = "stop", tok
                 break
             self.token_ids.append(tok)
             seen = max(0, len(full) - holdback)      # text before this can hold no stop string

@@ -20,7 +20,8 @@ GIBBERISH_NOTE = "(the demo model has random weights: its answer is gibberish by
 
 def _session(args):
     from .session import Session
-    return Session.open(args.bundle, n_ctx=args.n_ctx, threads=args.threads, verify=not args.no_verify)
+    return Session.open(args.bundle, n_ctx=args.n_ctx, threads=args.threads, verify=not args.no_verify,
+                        kv_type=args.kv_type)
 
 
 def _sampling(args) -> dict:
@@ -108,10 +109,13 @@ def cmd_chat(args) -> int:
 
 def cmd_info(args) -> int:
     from .bundle import open_bundle
+    from .families import BY_NAME
     b = open_bundle(args.bundle, verify=not args.no_verify)
     m = b.manifest
+    fam = BY_NAME.get(m["family"])
     print(f"bundle   {b.path}")
-    print(f"family   {m['family']}   (schema {m['schema']}, from {m.get('source', '?')})")
+    print(f"family   {m['family']}: {fam.title if fam else 'not known to this scops'}   "
+          f"(schema {m['schema']}, from {m.get('source', '?')})")
     llm = m["llm"]
     print(f"llm      {llm['file']}  {llm['quant']}  n_embd {llm['n_embd']}  n_vocab {llm['n_vocab']}")
     for mod, spec in m["modalities"].items():
@@ -123,6 +127,20 @@ def cmd_info(args) -> int:
     for name, v in m.get("validation", {}).items():
         print(f"parity   {name}: onnxruntime vs PyTorch max abs diff {v['max_abs_diff']:.2e} at batch {v['batch']}")
     print(f"verified {'sha256 of every file' if not args.no_verify else 'sizes only (--no-verify)'}")
+    return 0
+
+
+def cmd_families(args) -> int:
+    from .families import FAMILIES
+    for f in FAMILIES:
+        print(f"{f.name:<14} {f.title}")
+        print(f"{'':<14} inputs: {', '.join('--' + m for m in f.inputs)}")
+        print(f"{'':<14} scops export --family {f.name} --from FOLDER, where FOLDER holds:")
+        for r in f.release:
+            print(f"{'':<16}- {r.describe()}")
+        if f.hub_ids:
+            print(f"{'':<14} or a hub id: {', '.join(f.hub_ids)}")
+        print(f"{'':<14} tiny fixtures: {', '.join(name for name, _ in f.fixtures)}")
     return 0
 
 
@@ -146,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--n-ctx", type=int, default=2048)
         p.add_argument("--threads", type=int, default=0)
         p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+        add_kv_type(p)
 
     def sampling_args(p, max_tokens=256, temperature=0.8):
         p.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -185,15 +204,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_optional_commands(sub)
 
-    p = sub.add_parser("export", help="checkpoint -> bundle")
-    p.add_argument("--from", dest="src", required=True, help="local HF folder or hub id")
-    p.add_argument("--family", required=True, choices=["minigpt4", "instructblip", "pandagpt", "bubogpt"])
+    p = sub.add_parser("families", help="the model families, and the published files each export reads")
+    p.set_defaults(fn=cmd_families)
+
+    from .families import BY_NAME
+    p = sub.add_parser("export", help="checkpoint -> bundle (see `scops families` for what --from holds)")
+    p.add_argument("--from", dest="src", required=True,
+                   help="a folder holding the published release files, an HF folder, or a hub id")
+    p.add_argument("--family", required=True, choices=list(BY_NAME))
+    p.add_argument("--llm", type=Path, default=None,
+                   help="the LLM's HF folder, when it is not the one LLaMA folder inside --from")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16", "F32"])
     p.add_argument("--encoder-precision", default="fp32", choices=["fp32", "fp16", "int8"],
                    help="precision of the ONNX encoders (accuracy vs fp32 measured into the manifest)")
     p.set_defaults(fn=cmd_export)
     return ap
+
+
+def add_kv_type(p) -> None:
+    p.add_argument("--kv-type", choices=["auto", "f16", "f32"], default="auto",
+                   help="KV cache precision; auto: f32 (and flash attention off) for an F32 bundle, "
+                        "whose greedy tokens then match PyTorch's exactly, else f16")
 
 
 def _add_optional_commands(sub) -> None:

@@ -83,12 +83,14 @@ L2_EPS = 1e-12            # torch.nn.functional.normalize's default eps
 
 
 class ArrayOp:
-    """The small numpy stages between graphs: l2norm (x scale), mean_over_clips, select."""
+    """The small numpy stages between graphs (contract.STAGE_OPS): l2norm (x scale),
+    mean_over_clips, select, group_tokens."""
 
     def __init__(self, record: dict):
         self.op, self.input, self.output = record["op"], record["input"], record["output"]
         self.scale = float(record.get("scale", 1.0))
         self.index, self.axis = int(record.get("index", 0)), int(record.get("axis", 1))
+        self.skip, self.group = int(record.get("skip", 0)), int(record.get("group", 1))
 
     def needs(self) -> set:
         return {self.input}
@@ -100,6 +102,12 @@ class ArrayOp:
             return (x / np.maximum(norm, L2_EPS) * np.float32(self.scale)).astype(np.float32)
         if self.op == "mean_over_clips":
             return x.mean(axis=0, keepdims=True, dtype=np.float32)          # [clips, ...] -> [1, ...]
+        if self.op == "group_tokens":
+            b, n, d = x.shape
+            if (n - self.skip) % self.group:
+                raise BundleError(f"group_tokens: {n - self.skip} tokens do not split into groups of {self.group}")
+            x = x[:, self.skip:, :]                                         # [B, 257, D] -> [B, 256, D]
+            return np.ascontiguousarray(x).reshape(b, (n - self.skip) // self.group, d * self.group)  # -> [B, 64, 4D]
         return np.take(x, [self.index], axis=self.axis).squeeze(self.axis)  # "select"
 
 
@@ -107,7 +115,7 @@ def make_stage(bundle: Bundle, record: dict, providers: list, threads: int):
     if record["op"] == "onnx":
         declared = bundle.manifest["files"][record["file"]]
         return OnnxStage(bundle.file(record["file"]), record, declared, providers, threads)
-    if record["op"] in ("l2norm", "mean_over_clips", "select"):
+    if record["op"] in ("l2norm", "mean_over_clips", "select", "group_tokens"):
         return ArrayOp(record)
     raise BundleError(f"{bundle.path}: stage op {record['op']!r} is not served by this scops version")
 

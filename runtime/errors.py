@@ -23,3 +23,8 @@ class UnsupportedModality(ScopsError):
 
 class OptionError(ScopsError):
     """A request option that is unknown or out of range."""
+
+
+class ExportError(ScopsError):
+    """An export that cannot proceed: a missing or malformed source file, an unsupported
+    model, a failed parity check. Always names the file or stage at fault."""

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .preprocess import MAX_IMAGE_BYTES, _read_bytes, content_hash, decode_image, preprocess_image
+from .preprocess import _read_bytes, content_hash, decode_image, preprocess_image
 
 # What `send(...)` calls each modality's list of inputs.
 SEND_ARGS = {"images": "image", "audios": "audio", "videos": "video", "thermals": "thermal",

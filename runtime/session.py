@@ -22,13 +22,13 @@ import numpy as np
 
 from .bundle import Bundle, open_bundle
 from .encode import ModalityEncoder, pick_providers
-from .errors import BundleError, UnsupportedModality
+from .errors import BundleError, OptionError, UnsupportedModality
 from .instruction import InstructionTokenizer
 from .llm import Llm, LlmOptions
 from .modalities import KINDS
 from .preprocess import content_hash
 from .project import load_projector, projector_stage
-from .template import MediaRef
+from .template import MediaRef, render, to_cells
 
 log = logging.getLogger("scops")
 
@@ -41,8 +41,11 @@ class SessionOptions:
     n_batch: int = 512
     threads: int = 0                 # 0: one per core
     n_gpu_layers: int = 0
-    kv_type: str = "f16"             # "f32" + flash_attn "off": exact parity runs of F32 GGUFs
-    flash_attn: str = "auto"
+    # KV cache precision. "auto": an F32 bundle gets "f32" with flash attention off (its
+    # greedy tokens then follow PyTorch fp32 exactly; f16 K/V drift after a dozen tokens),
+    # every other bundle "f16" (half the memory).
+    kv_type: str = "auto"            # "auto" | "f16" | "f32"
+    flash_attn: str = "auto"         # "auto" | "on" | "off"
     providers: tuple | None = None   # onnxruntime providers, best first; None: auto
     projector_backend: str = "auto"  # auto | cuda | cpu | numpy
     verify: bool = True              # sha256 of every bundle file at open
@@ -55,6 +58,17 @@ class Stats:
     media_cache_hits: int = 0
     cells_reused: int = 0
     cells_decoded: int = 0
+
+
+def resolve_kv(opts: SessionOptions, quant: str) -> tuple[str, str]:
+    """(kv_type, flash_attn) for llama.cpp: exact by default where the user asked for exact."""
+    if opts.kv_type not in ("auto", "f16", "f32"):
+        raise OptionError(f"kv_type must be auto, f16 or f32, not {opts.kv_type!r}")
+    kv = opts.kv_type if opts.kv_type != "auto" else ("f32" if quant == "F32" else "f16")
+    flash = opts.flash_attn
+    if flash == "auto" and kv == "f32":
+        flash = "off"           # llama.cpp's CPU flash attention rounds Q/K/V to f16
+    return kv, flash
 
 
 class Session:
@@ -73,8 +87,9 @@ class Session:
             if key not in loaded:
                 loaded[key] = load_projector(bundle, stage, opts.projector_backend, opts.threads)
             self.projectors[m] = loaded[key]
+        kv_type, flash_attn = resolve_kv(opts, bundle.manifest["llm"]["quant"])
         self.llm = Llm(str(bundle.llm_path), LlmOptions(opts.n_ctx, opts.n_batch, opts.threads, opts.n_gpu_layers,
-                                                               opts.kv_type, opts.flash_attn))
+                                                               kv_type, flash_attn))
         if self.llm.n_embd != int(bundle.manifest["llm"]["n_embd"]):
             msg = f"{bundle.llm_path.name}: n_embd {self.llm.n_embd} != manifest {bundle.manifest['llm']['n_embd']}"
             self.llm.close()
@@ -110,7 +125,9 @@ class Session:
             instr = self.instruction_tok.encode("warm up") if enc.uses_instruction else None
             rows = enc.encode_rows(base, instr)[0]
             self.projectors[m].forward(np.ascontiguousarray(rows))
-        self.llm.sync(self.llm.tokenize(self.bundle.template["system"], True), fill=None)
+        tpl = self.bundle.template
+        system = to_cells(render(tpl, [], cue=False), self.llm.tokenize, None, tpl.get("bos", True))
+        self.llm.sync(system or self.llm.tokenize("", True), fill=None)     # empty system: BOS alone
 
     def encode_media(self, modality: str, sources, instruction: str = "") -> tuple[list[MediaRef], dict]:
         """Decode, hash, and (unless cached) prepare + encode; returns refs and timings.

@@ -1,7 +1,9 @@
 """Chat templates as data: a conversation -> text segments and media slots -> cells.
 
 Rendering keeps user text apart from markup: a literal "<ImageHere>" typed by a user
-stays text, only the template's own media wrap makes a media slot.
+stays text, only the template's own media wrap makes a media slot; likewise the template's
+special tokens ("special": {text: id}, e.g. LLaMA-2's "<s>", LEGO's "<im_start>") become
+their ids only where the template's own markup writes them.
 """
 from __future__ import annotations
 
@@ -14,6 +16,12 @@ class MediaRef:
     key: str            # content hash (+ modality): the media-cache key and the KV cell identity
 
 
+@dataclass(frozen=True)
+class Special:
+    text: str
+    id: int             # a single token of the LLM's vocabulary
+
+
 @dataclass
 class Message:
     role: str                         # "user" | "assistant"
@@ -21,31 +29,52 @@ class Message:
     media: list = field(default_factory=list)
 
 
+def _markup(template: dict, text: str) -> list:
+    """Template text -> [str | Special]: the template's special strings become their ids."""
+    special = template.get("special") or {}
+    if not special or not text:
+        return [text]
+    out: list = []
+    i = start = 0
+    while i < len(text):
+        hit = next((s for s in sorted(special, key=len, reverse=True) if text.startswith(s, i)), None)
+        if hit is None:
+            i += 1
+            continue
+        out += [text[start:i], Special(hit, int(special[hit]))]
+        i = start = i + len(hit)
+    return out + [text[start:]]
+
+
 def _wrap(template: dict, ref: MediaRef) -> list:
     wrap = template["media"][ref.modality]
     head, _, tail = wrap.partition(template["placeholder"])
-    return [head, ref, tail]
+    return [*_markup(template, head), ref, *_markup(template, tail)]
 
 
-def render(template: dict, messages: list[Message], system: str | None = None) -> list:
-    """-> [str | MediaRef, ...] for the whole conversation, ending with the assistant cue."""
-    parts: list = [template["system"] if system is None else system]
+def render(template: dict, messages: list[Message], system: str | None = None, cue: bool = True) -> list:
+    """-> [str | MediaRef | Special, ...] for the whole conversation, ending with the
+    assistant cue (cue=False: without it, e.g. the system prompt alone)."""
+    mark = lambda text: _markup(template, text)  # noqa: E731
+    parts: list = mark(template["system"]) if system is None else [system]
     for msg in messages:
         if msg.role == "user":
             content: list = []
             for i, ref in enumerate(msg.media):
                 if i:       # BuboGPT: every medium is its own "###Human:" message
-                    content.append(template.get("media_join", ""))
+                    content += mark(template.get("media_join", ""))
                 content += _wrap(template, ref)
             if msg.text:
                 if msg.media:
-                    content.append(template.get("media_sep", " "))
-                content.append(msg.text)
+                    content += mark(template.get("media_sep", " "))
+                content.append(msg.text)                 # user text: never markup
             head, _, tail = template["user"].partition("{content}")
-            parts += [head, *content, tail]
+            parts += [*mark(head), *content, *mark(tail)]
         else:
-            parts.append(template["assistant"] + template["answer"].format(answer=msg.text))
-    parts.append(template["assistant"])
+            before, _, after = template["answer"].partition("{answer}")
+            parts += [*mark(template["assistant"] + before), msg.text, *mark(after)]
+    if cue:
+        parts += mark(template["assistant"])
     merged: list = []
     for p in parts:                   # adjacent strings -> one segment
         if isinstance(p, str):
@@ -61,19 +90,30 @@ def render(template: dict, messages: list[Message], system: str | None = None) -
 def to_cells(segments: list, tokenize, rows_of, add_bos: bool) -> list:
     """Text segments are tokenized one by one, BOS only before the first text segment
     (MiniGPT-4: the system text; InstructBLIP: after the image rows); a media slot
-    becomes its rows: (key, 0) ... (key, n-1)."""
+    becomes its rows: (key, 0) ... (key, n-1); a special token its id."""
     cells: list = []
     first_text = True
     for seg in segments:
         if isinstance(seg, MediaRef):
             cells += [(seg.key, i) for i in range(rows_of(seg))]
+        elif isinstance(seg, Special):
+            cells.append(seg.id)
         else:
             cells += tokenize(seg, add_bos and first_text)
             first_text = False
     return cells
 
 
-def clean_answer(text: str) -> str:
-    """What the history keeps of an answer (generation already cut it at the stop string):
-    stripped, as MiniGPT-4's Chat.answer stores it."""
-    return text.strip()
+def history_answer(template: dict, text: str, token_ids: list[int], piece) -> str:
+    """What the history keeps of an answer, as each original builds it.
+
+    Default: the text, already cut at the stop string, stripped (MiniGPT-4's Chat.answer).
+    "history_drop": n (PandaGPT: openllama.py's decode(outputs[0][:-2])): the generated ids as
+    the original's generate returns them (the stop or EOS token included) without the last n,
+    decoded without special tokens; the first piece's sentencepiece space is not kept."""
+    drop = int(template.get("history_drop", 0))
+    if not drop:
+        return text.strip()
+    kept = token_ids[:-drop]
+    decoded = b"".join(piece(t) for t in kept).decode("utf-8", errors="replace")
+    return decoded[1:] if decoded.startswith(" ") else decoded

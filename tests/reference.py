@@ -16,11 +16,18 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 
 
 def minigpt4_prompt(turns: list[tuple[str, str | None]], image_first: bool = True) -> str:
-    """turns: [(question, answer or None)]; the image goes with the first question."""
-    text = SYSTEM
+    """turns: [(question, answer or None)]; the image goes with the first question.
+
+    conversation.py CONV_VISION_Vicuna0 (roles "Human: " / "Assistant: ", sep "###") and
+    Conversation.get_prompt: system + sep, then role + message + sep per message, the open
+    turn as its bare role ("Assistant: ", trailing space included)."""
+    messages = []
     for i, (q, a) in enumerate(turns):
-        text += "###Human: " + ("<Img><ImageHere></Img> " if i == 0 and image_first else "") + q
-        text += "###Assistant:" + (f" {a}" if a is not None else "")
+        messages.append(("Human: ", ("<Img><ImageHere></Img> " if i == 0 and image_first else "") + q))
+        messages.append(("Assistant: ", a))
+    text = SYSTEM + "###"
+    for role, message in messages:
+        text += role + message + "###" if message else role
     return text
 
 

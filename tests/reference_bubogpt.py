@@ -64,13 +64,15 @@ def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
     return x.reshape(b, n, h, d // h).transpose(1, 2)                          # [B,N,D] -> [B,h,N,D/h]
 
 
-def eva_vit(sd: dict, x: torch.Tensor, heads: int, patch: int = 14) -> torch.Tensor:
-    """VisionTransformer.forward_features (no final norm) then ln_vision: [B,3,224,224] -> [B,257,D]."""
+def eva_vit(sd: dict, x: torch.Tensor, heads: int, patch: int = 14, depth: int | None = None) -> torch.Tensor:
+    """VisionTransformer.forward_features (no final norm) then ln_vision: [B,3,224,224] -> [B,257,D].
+    depth: the blocks the model builds (create_eva_vit_g: 39; load_state_dict(strict=False)
+    leaves any further stored block unread); default: every stored block."""
     x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
     x = x.flatten(2).transpose(1, 2)                                            # [B,D,16,16] -> [B,256,D]
     x = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + sd["pos_embed"]
     b, n, d = x.shape
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    depth = depth or len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     for i in range(depth):
         p = f"blocks.{i}."
         h = F.layer_norm(x, (d,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], EVA_EPS)
@@ -191,3 +193,55 @@ class BuboGPTReference:
                                max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                                num_beams=1, pad_token_id=0, eos_token_id=None)
         return out[0].tolist()
+
+
+class BuboGPTReleaseReference(BuboGPTReference):
+    """The same pipeline over the published files, assembled as MMGPT4.from_config loads
+    them (mmgpt4_eval.yaml): imagebind_huge.pth (strict load of ImageBindModel), then the
+    vision trunk replaced by create_eva_vit_g (eva_vit_g.pth, 39 blocks: all stored but the
+    last) with ln_vision from blip2_pretrained_flant5xxl.pth (load_ln_params), the vision
+    Q-Former from the same file (load_Qformer), the vision post-projector from
+    prerained_minigpt4_7b.pth's llama_proj (replace_joiner_vision), and finally bubogpt_7b.pth's
+    'model' over everything (load_state_dict(strict=False))."""
+
+    def __init__(self, folder):
+        import sentencepiece as spm
+        from transformers import LlamaForCausalLM
+
+        from scops.export.bubogpt import imagebind_sizes
+        from scops.export.imagebind_modules import ImageBind
+
+        load = lambda name: torch.load(folder / name, map_location="cpu", weights_only=True)  # noqa: E731
+        f32 = lambda d: {k: v.float() for k, v in d.items()}                                   # noqa: E731
+        blip2 = f32(load("blip2_pretrained_flant5xxl.pth")["model"])
+        self.eva = f32(load("eva_vit_g.pth"))
+        self.depth = len({k.split(".")[1] for k in self.eva if k.startswith("blocks.")}) - 1
+        self.eva.update({"ln_vision.weight": blip2["ln_vision.weight"], "ln_vision.bias": blip2["ln_vision.bias"]})
+        joiner = {"modality_qformers.vision." + k: v for k, v in blip2.items() if k.startswith(("Qformer.", "query"))}
+        proj = f32(load("prerained_minigpt4_7b.pth")["model"])
+        joiner.update({"modality_post_projectors.vision.fc.weight": proj["llama_proj.weight"],
+                       "modality_post_projectors.vision.fc.bias": proj["llama_proj.bias"]})
+        model_keys = {"multimodal_joiner." + k: v for k, v in joiner.items()}
+        model_keys.update(f32(load("bubogpt_7b.pth")["model"]))                   # later files win
+        part = lambda p: {k[len(p):]: v for k, v in model_keys.items() if k.startswith(p)}  # noqa: E731
+        self.qformers = {m: part(f"multimodal_joiner.modality_qformers.{m}.") for m in ("vision", "audio")}
+        self.proj = {m: part(f"multimodal_joiner.modality_post_projectors.{m}.fc.") for m in ("vision", "audio")}
+        ib = f32(load("imagebind_huge.pth"))
+        width = ib["modality_trunks.audio.blocks.0.attn.in_proj_weight"].shape[1]
+        depth = len({k.split(".")[3] for k in ib if k.startswith("modality_trunks.audio.blocks.")})
+        q_heads = self.qformers["vision"]["query_tokens"].shape[-1] // 64
+        self.cfg = {"vision_config": {"num_attention_heads": self.eva["cls_token"].shape[-1] // 88},
+                    "qformer_config": {"num_attention_heads": q_heads},
+                    "audio_qformer_config": {"num_attention_heads": q_heads},
+                    "audio_config": {"width": width, "depth": depth, "heads": width // 64}}
+        self.imagebind = ImageBind(imagebind_sizes(self.cfg), modalities=("audio",)).eval()
+        missing, _ = self.imagebind.load_state_dict({k: v for k, v in ib.items() if k.split(".")[1] == "audio"},
+                                                    strict=False)
+        assert all(k.startswith("modality_heads.") for k in missing), missing    # with_bind_head=False
+        self.lm = LlamaForCausalLM.from_pretrained(folder / "vicuna", torch_dtype=torch.float32,
+                                                   attn_implementation="eager").eval()
+        self.sp = spm.SentencePieceProcessor(model_file=str(folder / "vicuna" / "tokenizer.model"))
+
+    @torch.no_grad()
+    def image_embeds(self, px: torch.Tensor) -> torch.Tensor:
+        return eva_vit(self.eva, px, self.cfg["vision_config"]["num_attention_heads"], depth=self.depth)

@@ -1,15 +1,20 @@
-"""PyTorch reference of PandaGPT, from code/model/openllama.py: ImageBind embeddings (clips
-averaged), llama_proj per modality, the turn's modalities summed into one row, LoRA applied
-as PEFT does at run time (x W^T + s x A^T B^T, NOT merged), HF generate on inputs_embeds."""
+"""PyTorch reference of PandaGPT, from code/model/openllama.py and web_demo.py: the delta
+loaded as web_demo.py loads it (torch.load, then load_state_dict(strict=False) onto the PEFT
+model: here the LoRA pairs are taken by name), ImageBind embeddings (clips averaged),
+llama_proj per modality, the turn's modalities summed into one row, LoRA applied as PEFT
+does at run time (x W^T + s x A^T B^T, NOT merged, s = lora_alpha 32 / r), HF generate on
+inputs_embeds, and the chat history as web_demo.py builds it (the answer is
+decode(output_ids[:-2]): the stop "\n##" dropped, or, when the answer ends otherwise, its
+last two tokens)."""
 from __future__ import annotations
 
-import json
+import re
 
 import numpy as np
 import torch
 
 from scops.export.imagebind import embed_clips
-from scops.export.pandagpt import load_imagebind, read_delta
+from scops.export.pandagpt import load_imagebind
 
 USES = {"image": "vision", "audio": "audio", "video": "video", "thermal": "thermal", "depth": "depth", "imu": "imu"}
 
@@ -20,17 +25,21 @@ class PandaGPTReference:
         from transformers import LlamaForCausalLM
 
         self.imagebind = load_imagebind(src)
-        proj, lora = read_delta(src)
-        self.proj = torch.nn.Linear(proj["weight"].shape[1], proj["weight"].shape[0])
+        delta = {k: v.detach().float() for k, v in torch.load(src / "pytorch_model.pt", weights_only=True).items()}
+        self.proj = torch.nn.Linear(delta["llama_proj.weight"].shape[1], delta["llama_proj.weight"].shape[0])
         with torch.no_grad():
-            self.proj.weight.copy_(torch.from_numpy(proj["weight"]))
-            self.proj.bias.copy_(torch.from_numpy(proj["bias"]))
+            self.proj.weight.copy_(delta["llama_proj.weight"])
+            self.proj.bias.copy_(delta["llama_proj.bias"])
         self.llama = LlamaForCausalLM.from_pretrained(src / "vicuna", torch_dtype=torch.float32,
                                                       attn_implementation="eager").eval()
-        alpha = json.loads((src / "pandagpt_config.json").read_text())["lora_alpha"]
-        for name, (a, b) in lora.items():
-            module = self.llama.get_submodule(name[: -len(".weight")])
-            a, b, s = torch.from_numpy(a), torch.from_numpy(b), alpha / a.shape[0]
+        pairs: dict = {}
+        for k, v in delta.items():              # peft names: ...self_attn.q_proj.lora_A[.default].weight
+            m = re.fullmatch(r"llama_model\.base_model\.model\.(.+)\.lora_([AB])(\.default)?\.weight", k)
+            if m:
+                pairs.setdefault(m.group(1), {})[m.group(2)] = v
+        for name, ab in pairs.items():
+            module = self.llama.get_submodule(name)
+            a, b, s = ab["A"], ab["B"], 32 / ab["A"].shape[0]
             module.register_forward_hook(lambda m, inp, out, a=a, b=b, s=s: out + s * (inp[0] @ a.T @ b.T))
         self.sp = spm.SentencePieceProcessor(model_file=str(src / "vicuna" / "tokenizer.model"))
 
@@ -55,6 +64,11 @@ class PandaGPTReference:
                                   max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
                                   pad_token_id=0, eos_token_id=None)
         return out[0].tolist()
+
+
+    def history_answer(self, output_ids: list[int]) -> str:
+        """openllama.py generate: decode(outputs[0][:-2], skip_special_tokens=True)."""
+        return self.sp.decode([t for t in output_ids[:-2] if t not in (0, 1, 2)])
 
 
 def as_numpy(x) -> np.ndarray:

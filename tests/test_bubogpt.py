@@ -101,12 +101,13 @@ def test_exporter_refuses_what_it_cannot_serve(ckpt, tmp_path):
     import json
 
     from scops.export.bubogpt import export_bubogpt
-    with pytest.raises(ValueError, match="encoder-precision"):
+    from scops.runtime.errors import ExportError
+    with pytest.raises(ExportError, match="encoder-precision"):
         export_bubogpt(str(ckpt), tmp_path / "b", "F32", log=lambda s: None, encoder_precision="fp16")
     other = tmp_path / "other"
     shutil.copytree(ckpt, other)
     (other / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
-    with pytest.raises(ValueError, match="not 'bubogpt'"):
+    with pytest.raises(ExportError, match="not 'bubogpt'"):
         export_bubogpt(str(other), tmp_path / "b", "F32", log=lambda s: None)
     assert not (tmp_path / "b").exists()
 

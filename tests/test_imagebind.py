@@ -96,7 +96,7 @@ def test_postprocessor_scales(tiny):
         assert torch.allclose(make_encoder(tiny, "audio")(x).norm(dim=-1), torch.full((2,), 20.0))
         assert torch.allclose(make_encoder(tiny, "audio", "pandagpt")(x).norm(dim=-1), torch.ones(2))
         tokens = make_encoder(tiny, "audio_tokens")(x)
-        assert tokens.shape == (2, 229, 32)
+        assert tokens.shape == (2, 229, tiny.sizes.audio.width)
         assert torch.allclose(tokens.norm(dim=-1), torch.full((2, 229), 20.0), atol=1e-4)
         assert torch.allclose(make_encoder(tiny, "thermal")(torch.randn(2, 1, 224, 224)).norm(dim=-1),
                               torch.full((2,), 10.0))
@@ -124,7 +124,7 @@ def test_runtime_audio_through_onnx_equals_reference(tiny, tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "imagebind_audio_tokens.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"fbank": clips})[0].mean(axis=0)                      # mean_over_clips
     want = embed_clips(tiny, "audio_tokens", torch.from_numpy(clips)).numpy()
-    assert got.shape == (229, 32) and np.abs(got - want).max() <= 1e-4
+    assert got.shape == (229, tiny.sizes.audio.width) and np.abs(got - want).max() <= 1e-4
 
 
 # ---------------------------------------------------------------- video and images

@@ -1,0 +1,165 @@
+"""The bundle contract: the one definition of manifest.json that export/ writes and runtime/ reads.
+
+A JSON Schema (checked with the `jsonschema` library) fixes the keys, their types and
+sane bounds; `check_manifest` runs it when an export commits a bundle and when the
+runtime opens one, and names the key at fault. Stage ops and their fields are declared
+here; runtime/encode.py serves exactly these ops.
+"""
+from __future__ import annotations
+
+import re
+
+from .errors import BundleError
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+# A manifest is a few KB; anything larger is not one (and is not read into memory).
+MAX_MANIFEST_BYTES = 16 << 20
+
+# Bounds that no model of this family comes near, so a crafted manifest cannot ask the
+# runtime for absurd allocations: rows of one medium (LEGO's image: 576; 4096 leaves room),
+# a width (LLaMA-65B: 8192; ViT-g: 1408), a vocabulary (2^20 ids), a context (2^20 positions),
+# a file (1 TiB).
+MAX_ROWS = 4096
+MAX_WIDTH = 65536
+MAX_VOCAB = 1 << 20
+MAX_CTX = 1 << 20
+MAX_FILE_BYTES = 1 << 40
+# Bundle file names: one plain component (no '/', no leading '.', no '..'), as the exporter writes them.
+FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+_INT = {"type": "integer"}
+_WIDTH = {"type": "integer", "minimum": 1, "maximum": MAX_WIDTH}
+_NAME = {"type": "string", "pattern": FILE_NAME}
+_KEY = {"type": "string", "minLength": 1, "maxLength": 128}
+
+# op -> (required fields, optional fields) besides "op"; each is a JSON Schema.
+STAGE_OPS: dict[str, tuple[dict, dict]] = {
+    # an onnxruntime graph: {graph input: context key}, its first output stored under `output`
+    "onnx": ({"file": _NAME, "output": _KEY},
+             {"inputs": {"type": "object", "additionalProperties": _KEY, "maxProperties": 16}}),
+    # x / max(||x||, eps) * scale over the last axis
+    "l2norm": ({"input": _KEY, "output": _KEY}, {"scale": {"type": "number"}}),
+    # [clips, ...] -> [1, ...]: the mean over the first axis
+    "mean_over_clips": ({"input": _KEY, "output": _KEY}, {}),
+    # one index along one axis (the axis is dropped)
+    "select": ({"input": _KEY, "output": _KEY},
+               {"index": {"type": "integer", "minimum": 0, "maximum": MAX_ROWS},
+                "axis": {"type": "integer", "minimum": 0, "maximum": 4}}),
+    # [B, N, D] -> drop `skip` leading tokens -> concatenate each `group` adjacent tokens
+    # -> [B, (N - skip) / group, D * group] (MiniGPT-4 LLaMA-2: 1 CLS + 256 -> 64 x 5632)
+    "group_tokens": ({"input": _KEY, "output": _KEY, "skip": {"type": "integer", "minimum": 0, "maximum": 64},
+                      "group": {"type": "integer", "minimum": 1, "maximum": 64}}, {}),
+    # the fused projector (kernels/): [rows, in_dim] -> [rows, out_dim]
+    "projector": ({"file": _NAME, "in_dim": _WIDTH, "out_dim": _WIDTH},
+                  {"hidden_dim": {"type": "integer", "minimum": 0, "maximum": MAX_WIDTH},
+                   "layernorm": {"type": "boolean"}, "ln_eps": {"type": "number", "exclusiveMinimum": 0},
+                   "gelu": {"enum": ["none", "erf", "tanh"]}, "bias": {"type": "boolean"},
+                   "l2norm": {"type": "boolean"}, "scale": {"type": "number"}}),
+}
+
+
+def _stage_schema(op: str, required: dict, optional: dict) -> dict:
+    return {"type": "object", "required": ["op", *required],
+            "properties": {"op": {"const": op}, **required, **optional}, "additionalProperties": False}
+
+
+STAGE = {"oneOf": [_stage_schema(op, req, opt) for op, (req, opt) in STAGE_OPS.items()]}
+
+TEMPLATE = {
+    "type": "object",
+    "required": ["system", "user", "assistant", "answer", "media", "placeholder"],
+    "properties": {
+        "system": {"type": "string"}, "user": {"type": "string", "pattern": "\\{content\\}"},
+        "assistant": {"type": "string"}, "answer": {"type": "string", "pattern": "\\{answer\\}"},
+        "media": {"type": "object", "additionalProperties": {"type": "string"}},
+        "media_sep": {"type": "string"}, "media_join": {"type": "string"},
+        "placeholder": {"type": "string", "minLength": 1}, "bos": {"type": "boolean"},
+        "stop": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 16},
+        "special": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0,
+                                                               "maximum": MAX_VOCAB}},
+        "history_drop": {"type": "integer", "minimum": 0, "maximum": 16},
+    },
+}
+
+MODALITY = {
+    "type": "object",
+    "required": ["preprocess", "rows", "stages"],
+    "properties": {
+        "preprocess": {"type": "object", "required": ["kind"]},
+        "rows": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS},
+        "stages": {"type": "array", "minItems": 1, "maxItems": 32, "items": STAGE},
+        "instruction": {"type": "object", "required": ["tokenizer", "max_len"],
+                        "properties": {"tokenizer": _NAME, "max_len": {"type": "integer", "minimum": 1,
+                                                                        "maximum": 4096}}},
+    },
+}
+
+FILE_ENTRY = {
+    "type": "object",
+    "required": ["kind", "bytes", "sha256"],
+    "properties": {"kind": {"enum": ["onnx", "onnx-data", "safetensors", "gguf", "tokenizer", "data"]},
+                   "bytes": {"type": "integer", "minimum": 1, "maximum": MAX_FILE_BYTES},
+                   "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+}
+
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["schema", "family", "llm", "template", "modalities", "files"],
+    "properties": {
+        "schema": {"const": SCHEMA_VERSION},
+        "family": {"type": "string", "pattern": "^[a-z0-9_-]{1,32}$"},
+        "source": {"type": "string"},
+        "llm": {"type": "object", "required": ["file", "quant", "n_embd", "n_vocab"],
+                "properties": {"file": _NAME, "quant": {"type": "string"}, "n_embd": _WIDTH,
+                               "n_vocab": {"type": "integer", "minimum": 1, "maximum": MAX_VOCAB},
+                               "n_ctx_train": {"type": "integer", "minimum": 1, "maximum": MAX_CTX}}},
+        "template": TEMPLATE,
+        "modalities": {"type": "object", "minProperties": 1, "maxProperties": 16,
+                       "propertyNames": {"pattern": "^[a-z0-9_]{1,32}$"}, "additionalProperties": MODALITY},
+        "files": {"type": "object", "minProperties": 1, "maxProperties": 256,
+                  "propertyNames": {"pattern": FILE_NAME}, "additionalProperties": FILE_ENTRY},
+        "combine": {"type": "object", "properties": {"op": {"const": "sum"}}},
+    },
+}
+
+
+def _where(path) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
+
+
+def check_manifest(m, where: str = MANIFEST) -> None:
+    """Raise BundleError naming the first key that breaks the contract."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    if isinstance(m, dict) and "schema" in m and m["schema"] != SCHEMA_VERSION:
+        raise BundleError(f"{where}: schema {m['schema']!r} not supported (this scops reads {SCHEMA_VERSION})")
+    err = best_match(Draft202012Validator(SCHEMA).iter_errors(m))
+    if err is not None:
+        raise BundleError(f"{where}: {_where(err.absolute_path)}: {_short(err.message)}")
+    files = m["files"]
+    referenced = {m["llm"]["file"]}
+    for name, spec in m["modalities"].items():
+        for st in spec["stages"]:
+            if "file" in st:
+                referenced.add(st["file"])
+        if "instruction" in spec:
+            referenced.add(spec["instruction"]["tokenizer"])
+    for name in sorted(referenced - set(files)):
+        raise BundleError(f"{where}: {name} is used but not listed in 'files'")
+    for mod, spec in m["modalities"].items():
+        projectors = [s for s in spec["stages"] if s["op"] == "projector"]
+        if len(projectors) != 1 or spec["stages"][-1]["op"] != "projector":
+            raise BundleError(f"{where}: modalities.{mod}: needs exactly one projector stage, and last")
+        if spec["stages"][0]["op"] != "onnx":
+            raise BundleError(f"{where}: modalities.{mod}: must start with an onnx stage")
+        if projectors[0]["out_dim"] != m["llm"]["n_embd"]:
+            raise BundleError(f"{where}: modalities.{mod}: projector out_dim {projectors[0]['out_dim']} != "
+                              f"llm.n_embd {m['llm']['n_embd']}")
+
+
+def _short(message: str, limit: int = 200) -> str:
+    message = re.sub(r"\s+", " ", message)
+    return message if len(message) <= limit else message[:limit] + "…"
