@@ -149,8 +149,16 @@ def _convert_encoders(b: BundleBuilder, fam: FamilyExport, precision: str, proje
     if precision == "fp32":
         return {"precision": "fp32"}
     log(f"  encoders to {precision}")
+    from scops.runtime.encode import ArrayOp
+
     (modality,) = fam.modalities                       # one encoder chain per bundle for now
-    result = convert_stages(b.dir, files, precision, projector, fam.modalities[modality]["preprocess"], log)
+    ops = [ArrayOp(st) for st in fam.modalities[modality]["stages"] if st["op"] not in ("onnx", "projector")]
+
+    def post(x):                                       # the numpy stages between the graphs and the projector
+        for op in ops:
+            x = op.run({op.input: x})
+        return x
+    result = convert_stages(b.dir, files, precision, projector, fam.modalities[modality]["preprocess"], log, post)
     for st in fam.modalities[modality]["stages"]:
         if st.get("file") in result["files"]:
             old, new = st["file"], result["files"][st["file"]]

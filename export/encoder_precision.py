@@ -109,22 +109,24 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(den, 1e-30)
 
 
-def measure_accuracy(ref: list[Path], new: list[Path], projector: dict, preprocess: dict) -> dict:
-    """Cosine of projected rows (new vs ref stages) over the sample photos."""
+def measure_accuracy(ref: list[Path], new: list[Path], projector: dict, preprocess: dict,
+                     post: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> dict:
+    """Cosine of projected rows (new vs ref stages) over the sample photos; `post` is what
+    the manifest does between the last graph and the projector (e.g. group_tokens)."""
     from scops.runtime.preprocess import preprocess_image
 
     source, photos = sample_photos()
     pixels = np.stack([preprocess_image(p, preprocess) for p in photos])      # [n, 3, 224, 224]
     w, b = projector["fc1.weight"], projector["fc1.bias"]                     # [D, Dq], [D]
-    rows_ref = run_chain(ref, pixels) @ w.T + b                               # [n, Q, Dq] -> [n, Q, D]
-    rows_new = run_chain(new, pixels) @ w.T + b
+    rows_ref = post(run_chain(ref, pixels)) @ w.T + b                         # [n, Q, Dq] -> [n, Q, D]
+    rows_new = post(run_chain(new, pixels)) @ w.T + b
     cos = row_cosines(rows_ref, rows_new).ravel()                             # [n * Q]
     return {"photos": source, "rows": int(cos.size), "cos_min": float(cos.min()),
             "cos_mean": float(cos.mean()), "passes": bool(cos.min() >= MIN_COSINE), "threshold": MIN_COSINE}
 
 
 def convert_stages(out_dir: Path, files: list[str], precision: str, projector: dict, preprocess: dict,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, post: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> dict:
     """Write the `precision` version of each stage beside the fp32 one and measure it.
 
     Returns {"precision", "files": {fp32 name: new name}, "accuracy": {...}, "bytes": {...}}.
@@ -147,7 +149,7 @@ def convert_stages(out_dir: Path, files: list[str], precision: str, projector: d
             f"in {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
     acc = measure_accuracy([out_dir / f for f in files], [out_dir / mapping[f] for f in files],
-                           projector, preprocess)
+                           projector, preprocess, post)
     log(f"  {precision} vs fp32, projected rows on {acc['photos']}: cos min {acc['cos_min']:.5f}, "
         f"mean {acc['cos_mean']:.5f} ({'passes' if acc['passes'] else 'FAILS'} >= {MIN_COSINE}; "
         f"{time.perf_counter() - t0:.1f}s)")

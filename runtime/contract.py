@@ -138,7 +138,10 @@ def check_manifest(m, where: str = MANIFEST) -> None:
         raise BundleError(f"{where}: schema {m['schema']!r} not supported (this scops reads {SCHEMA_VERSION})")
     err = best_match(Draft202012Validator(SCHEMA).iter_errors(m))
     if err is not None:
-        raise BundleError(f"{where}: {_where(err.absolute_path)}: {_short(err.message)}")
+        message = err.message
+        if err.validator == "pattern" and err.validator_value == FILE_NAME:
+            message = f"{err.instance!r} is not a plain file name of the bundle (no path, no leading dot)"
+        raise BundleError(f"{where}: {_where(err.absolute_path)}: {_short(message)}")
     files = m["files"]
     referenced = {m["llm"]["file"]}
     for name, spec in m["modalities"].items():

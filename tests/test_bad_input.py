@@ -117,7 +117,7 @@ def test_manifest_pointing_outside_the_bundle_is_refused(bundle_copy):
     m["files"]["../evil.onnx"] = m["files"].pop("vision.onnx")
     m["modalities"]["image"]["stages"][0]["file"] = "../evil.onnx"
     (bundle_copy / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="must not contain a path"):
+    with pytest.raises(BundleError, match="'../evil.onnx' is not a plain file name of the bundle"):
         open_bundle(bundle_copy)
 
 
