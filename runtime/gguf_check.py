@@ -5,8 +5,7 @@ and gguf-py's reader loops over an array's declared length without checking it a
 the file (a 2^60-element array hangs it). This walk never trusts a count: every string,
 array and tensor must fit in the bytes that remain, counts are capped, every tensor's
 data must lie inside the file. The format (magic, version, tensor and KV counts, typed
-KV pairs, tensor infos, aligned data) is GGUF v2/v3 as gguf-py documents it; the block
-sizes of the tensor types come from gguf-py's own table.
+KV pairs, tensor infos, aligned data) is GGUF v2/v3 as gguf-py documents it.
 """
 from __future__ import annotations
 
@@ -25,6 +24,16 @@ MAX_DIMS = 4                               # GGML_MAX_DIMS
 MAX_NAME = 256                             # GGML_MAX_NAME is 64; keys are short too
 MAX_ELEMENTS = 1 << 40
 DEFAULT_ALIGNMENT = 32                     # GGUF_DEFAULT_ALIGNMENT
+# ggml type id -> (elements per block, bytes per block): ggml.h's type traits, as gguf-py's
+# GGML_QUANT_SIZES lists them (a test keeps the two equal; the runtime does not import gguf-py,
+# which pulls in sentencepiece and yaml).
+GGML_TYPE_SIZES = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
+    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
+    34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18),
+}
 # GGUFValueType -> struct format of a scalar (8: string, 9: array are handled apart)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
@@ -70,8 +79,6 @@ class _Reader:
 def check_gguf(path: Path) -> dict:
     """Walk the header; return {"version", "n_tensors", "kv": {key: scalar or list length}}.
     Raises BundleError on anything a loader could be fooled by."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     path = Path(path)
     size = path.stat().st_size
     if size < 24:
@@ -105,10 +112,9 @@ def check_gguf(path: Path) -> dict:
             r.fail(f"alignment {alignment!r}")
         data_start = -(-r.pos // alignment) * alignment
         for name, dims, ttype, offset in infos:
-            try:
-                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-            except (ValueError, KeyError):
+            if ttype not in GGML_TYPE_SIZES:
                 r.fail(f"tensor {name!r} of unknown type {ttype}")
+            block, type_size = GGML_TYPE_SIZES[ttype]
             n = 1
             for d in dims:
                 n *= d

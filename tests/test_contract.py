@@ -167,3 +167,10 @@ def test_cli_says_one_line_and_exits_2(good, tmp_path):
     b = craft(good, tmp_path / "b", mutate)
     r = subprocess.run([sys.executable, "-m", "scops.runtime.cli", "info", str(b)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "llm.n_vocab" in r.stderr
+
+
+def test_ggml_type_table_equals_gguf_py():
+    from gguf import GGML_QUANT_SIZES
+
+    from scops.runtime.gguf_check import GGML_TYPE_SIZES
+    assert GGML_TYPE_SIZES == {t.value: tuple(v) for t, v in GGML_QUANT_SIZES.items()}

@@ -81,7 +81,7 @@ def test_cli_chat_session(bundle, photos, tmp_path):
 def test_cli_export_is_atomic_and_reports_bad_source(tiny_ckpt, tmp_path):
     out = tmp_path / "b"
     r = _cli("export", "--from", tmp_path / "missing", "--family", "minigpt4", "--out", out)
-    assert r.returncode == 2 and "export failed" in r.stderr and not out.exists()
+    assert r.returncode == 2 and "no such folder" in r.stderr and not out.exists()
     r = _cli("export", "--from", tiny_ckpt, "--family", "minigpt4", "--out", out, "--quant", "Q8_0")
     assert r.returncode == 0, r.stderr
     assert "max abs diff" in r.stderr and (out / "llm.Q8_0.gguf").exists()
