@@ -59,24 +59,6 @@ BUBOGPT_IMAGE = {
 # The runtime computes audio by the recipe's name; the values are written beside it for readers
 # (runtime/audio.py BUBOGPT_AUDIO: imagebind_audio_eval as app.py feeds it).
 BUBOGPT_AUDIO = {"kind": "audio", "recipe": "bubogpt", **dataclasses.asdict(audio_recipe("bubogpt"))}
-_BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-              "cross_attention_frequency": 2, "layer_norm_eps": 1e-12}
-# config.json of a converted release (text_config: Vicuna-7B's). EVA ViT-g (create_eva_vit_g):
-# 1408 wide, 39 blocks, 1408 // 88 = 16 heads, int(1408 * 4.3637) = 6144 MLP, eps 1e-6. Both
-# Q-Formers: bert-base-uncased, encoder_width = joiner_cfg feat_dim (vision 1408, audio 768).
-# ImageBind-huge audio trunk (imagebind_huge defaults): 768 wide, 12 blocks, 12 heads.
-RELEASE_CONFIG = {
-    "model_type": FAMILY, "num_query_token": 32, "ln_vision_eps": LN_VISION_EPS,
-    "vision_config": {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
-                      "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "layer_norm_eps": 1e-6,
-                      "qkv_bias": True},
-    "qformer_config": dict(_BERT_BASE, encoder_hidden_size=1408),
-    "audio_qformer_config": dict(_BERT_BASE, encoder_hidden_size=768),
-    "audio_config": {"width": 768, "depth": 12, "heads": 12, "mel_bins": 128, "target_frames": 204,
-                     "kernel": 16, "stride": 10},
-}
-
-
 def read_config(src: Path) -> dict:
     cfg = json.loads((src / "config.json").read_text())
     if cfg.get("model_type") != FAMILY:

@@ -3,8 +3,6 @@ release layout (file names, nesting, key names, dtypes, containers) export, and 
 bundles' greedy tokens equal references written from the original code."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch
