@@ -211,3 +211,25 @@ def test_bad_arguments_raise_and_leave_nothing(art, tmp_path):
     with pytest.raises(RuntimeError, match="return code"):
         quantize_gguf(tmp_path / "bad.gguf", tmp_path / "q.gguf", "Q8_0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
+@pytest.mark.parametrize("form", ["safetensors shards", "bin", "bin shards", "bin fp16", "safetensors bf16"])
+def test_every_hf_folder_form_converts_to_the_same_gguf(art, tmp_path, form):
+    """An LLM folder as HF saved it in any era (safetensors or pytorch_model*.bin, one file or
+    shards with their index, fp32 / fp16 / bf16) streams into the same GGUF tensor data."""
+    import gguf
+
+    model = build_tiny_llama(art.sp.vocab_size())
+    folder = tmp_path / "hf"
+    dtype = {"bin fp16": torch.float16, "safetensors bf16": torch.bfloat16}.get(form, torch.float32)
+    model.to(dtype).save_pretrained(folder, safe_serialization=form.startswith("safetensors"),
+                                    max_shard_size="400KB" if "shards" in form or dtype != torch.float32 else "10GB")
+    names = {p.name for p in folder.iterdir()}
+    assert ("pytorch_model.bin.index.json" in names) == (form in ("bin shards", "bin fp16"))
+    write_llama_gguf(folder, art.tok_model, tmp_path / "x.gguf", dtype="f32")
+    got = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(tmp_path / "x.gguf")).tensors}
+    want = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(art.root / "f32.gguf")).tensors}
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        w = torch.from_numpy(w).to(dtype).float().numpy() if dtype != torch.float32 else w   # what the folder holds
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
