@@ -82,11 +82,17 @@ TEMPLATE = {
     },
 }
 
+# Audio recipes the runtime computes (runtime/audio.py RECIPES): a bundle names one.
+AUDIO_RECIPES = ("imagebind", "bubogpt")
+PREPROCESS = {"type": "object", "required": ["kind"],
+              "if": {"properties": {"kind": {"const": "audio"}}},
+              "then": {"properties": {"recipe": {"enum": list(AUDIO_RECIPES)}}}}
+
 MODALITY = {
     "type": "object",
     "required": ["preprocess", "rows", "stages"],
     "properties": {
-        "preprocess": {"type": "object", "required": ["kind"]},
+        "preprocess": PREPROCESS,
         "rows": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS},
         "stages": {"type": "array", "minItems": 1, "maxItems": 32, "items": STAGE},
         "instruction": {"type": "object", "required": ["tokenizer", "max_len"],

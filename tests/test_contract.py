@@ -174,3 +174,15 @@ def test_ggml_type_table_equals_gguf_py():
 
     from scops.runtime.gguf_check import GGML_TYPE_SIZES
     assert GGML_TYPE_SIZES == {t.value: tuple(v) for t, v in GGML_QUANT_SIZES.items()}
+
+
+def test_audio_recipes_named_in_the_contract_are_the_runtimes():
+    from scops.runtime.audio import RECIPES
+    from scops.runtime.contract import AUDIO_RECIPES
+    assert set(AUDIO_RECIPES) == set(RECIPES)
+
+
+def test_an_unknown_audio_recipe_is_refused_at_open(good, tmp_path):
+    def mutate(d, m):
+        m["modalities"]["audio"] = dict(m["modalities"]["image"], preprocess={"kind": "audio", "recipe": "whisper"})
+    refused(craft(good, tmp_path / "b", mutate), "modalities.audio.preprocess.recipe")
