@@ -39,6 +39,9 @@ def reproduce_command(args) -> str:
 
 
 def cmd_bench(args) -> int:
+    if args.shape == "lego-small":
+        from .lego import run_lego_bench
+        return run_lego_bench(args, _log)
     from .report import write_report
     from .run import BenchOptions, run_bench
 
@@ -60,7 +63,7 @@ def cmd_bench(args) -> int:
 def add_bench_parser(sub) -> None:
     """Register `scops bench --shape NAME ...` on the CLI's subparsers."""
     p = sub.add_parser("bench", help="benchmark a shape-faithful bundle against HF and llama-cpp-python")
-    p.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    p.add_argument("--shape", required=True, choices=sorted(SHAPES) + ["lego-small"])
     p.add_argument("--vs", type=_peers, default=(), help="peers, comma-separated: hf,llama-cpp")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions after one warm-up (0: shape default)")
     p.add_argument("--tokens", type=int, default=0, help="decode length, EOS ignored (0: shape default)")

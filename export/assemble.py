@@ -33,8 +33,8 @@ class FamilyExport:
     modalities: dict                     # manifest "modalities" (stage files must exist)
     extra_files: tuple = ()              # ((name, writer(path)), ...) e.g. a Q-Former tokenizer
     facts: dict = field(default_factory=dict)
-    # ((checkpoint prefix, bundle file), ...) when a family has several projections (BuboGPT:
-    # image + audio); empty -> the one `projection_prefix` -> projector.safetensors
+    # ((checkpoint prefix, bundle file[, "linear" | "mlp"]), ...) when a family has several
+    # projections (BuboGPT: image + audio); empty -> `projection_prefix` -> projector.safetensors
     projectors: tuple = ()
     llm_dir: Path | None = None          # where the LLM (+ tokenizer.model) lives; default: the source
     llm_adjust: Callable | None = None   # (hf_name, w) -> w while streaming, e.g. a LoRA merge
@@ -95,15 +95,15 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
             b.add_file(name, "tokenizer")
 
         step_no, saved = next(step), []
-        for prefix, file in fam.projector_files():
+        for prefix, file, *kind in fam.projector_files():
             log(f"[{step_no}/{n_steps}] projector: {prefix.rstrip('.')} -> {file}")
             proj = fam.load(prefix) if fam.load else load_state(src_dir, prefix)
-            w = {"fc1.weight": proj["weight"].numpy(), "fc1.bias": proj["bias"].numpy()}
+            w = projector_weights(proj, kind[0] if kind else "linear")
             save_file(w, str(b.dir / file))
             b.add_file(file, "safetensors", tensors={k: list(v.shape) for k, v in w.items()})
             saved.append(w)
         weights = saved[0]                                           # the encoder-precision check's
-        widths = {w["fc1.weight"].shape[0] for w in saved}           # [out, in] -> out
+        widths = {w.get("fc2.weight", w["fc1.weight"]).shape[0] for w in saved}   # [out, in] -> out
         if len(widths) != 1:
             raise ValueError(f"projections disagree on the LLM width: {sorted(widths)}")
         (n_embd,) = widths
@@ -139,6 +139,16 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
         })
     log(f"done in {time.perf_counter() - t_start:.1f}s: {path}")
     return path
+
+
+def projector_weights(proj: dict, kind: str) -> dict:
+    """Checkpoint tensors of a projection -> the fused projector's names. "linear": one
+    nn.Linear (weight, bias); "mlp": nn.Sequential(Linear, GELU, Linear) (0.*, 2.*)."""
+    if kind == "mlp":
+        names = {"fc1.weight": "0.weight", "fc1.bias": "0.bias", "fc2.weight": "2.weight", "fc2.bias": "2.bias"}
+    else:
+        names = {"fc1.weight": "weight", "fc1.bias": "bias"}
+    return {ours: proj[theirs].float().numpy() for ours, theirs in names.items()}
 
 
 def _convert_encoders(b: BundleBuilder, fam: FamilyExport, precision: str, projector: dict, log) -> dict:

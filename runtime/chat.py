@@ -51,9 +51,31 @@ class Conversation:
         self.system = system
         self.messages: list[Message] = []
         self._media: dict = {}          # key -> (modality, rows): this chat's media, never evicted
+        self._facts: dict = {}          # key -> decoding facts (size, duration, source)
 
     def reset(self) -> None:
-        self.messages, self._media = [], {}
+        self.messages, self._media, self._facts = [], {}, {}
+
+    def media(self) -> list[dict]:
+        """Every input of the conversation in prompt order, with its facts: the `media`
+        index of a grounding Region points into this list."""
+        from .template import _ordered
+        out = []
+        for msg in self.messages:
+            for ref in _ordered(self.session.bundle.template, msg.media):
+                if ref.modality != "mix":
+                    out.append({"modality": ref.modality, "key": ref.key, **self._facts.get(ref.key, {})})
+        return out
+
+    def ground(self, text: str) -> list:
+        """The entities an answer points at, for families whose answers carry their own
+        grounding (manifest "grounding": "answer_text", LEGO); [] otherwise."""
+        if self.session.bundle.manifest.get("grounding") != "answer_text":
+            return []
+        from .grounding_text import MediaGeometry, parse_answer
+        geo = [MediaGeometry(m["modality"], int(m.get("width", 0)), int(m.get("height", 0)),
+                             float(m.get("duration", 0.0))) for m in self.media()]
+        return parse_answer(text, geo)
 
     def add(self, role: str, text: str, **media) -> None:
         """Put an earlier turn into the history without generating (e.g. a replayed chat)."""
@@ -78,6 +100,7 @@ class Conversation:
             got, t = self.session.encode_media(modality, sources, instruction)
             for r in got:
                 self._media[r.key] = self.session.media_rows(r.key)
+                self._facts[r.key] = self.session.facts.get(r.key, {})
             refs += got
             for k in ("preprocess_ms", "encode_ms"):
                 timings[k] += t[k]
@@ -132,6 +155,8 @@ class Reply:
         # end offset in .text of each generated token (clipped to the text): answer spans stay
         # addressable, e.g. for grounding phrases back to tokens
         self.offsets: list[int] = []
+        # what the answer points at (grounding.Entity), filled when generation ends
+        self.grounding: list = []
         self.finish_reason: str | None = None
         self._eog: int | None = None       # the end-of-generation token that ended it, if one did
         self._cancel = threading.Event()
@@ -231,6 +256,7 @@ class Reply:
             yield full[emitted:]
         self.text = full
         self.offsets = [min(o, len(full)) for o in self.offsets]
+        self.grounding = self.conv.ground(full)
         n = len(self.token_ids)
         self.timings["n_tokens"] = n
         if t_first is not None and n > 1 and t_last > t_first:

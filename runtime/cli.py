@@ -38,6 +38,22 @@ def _media(args) -> dict:
     return {arg: getattr(args, flag) for flag, arg in MEDIA_FLAGS.items() if getattr(args, flag, None)}
 
 
+def format_grounding(entities) -> list[str]:
+    """One line per entity: its number, phrase and where it points (pixels / seconds)."""
+    lines = []
+    for i, e in enumerate(entities, 1):
+        where = []
+        for r in e.regions:
+            if r.box is not None:
+                where.append("box [" + ", ".join(f"{v:.0f}" for v in r.box) + f"] px of input {r.media}")
+            if r.time is not None:
+                where.append(f"{r.time[0]:.2f}-{r.time[1]:.2f} s of input {r.media}")
+            if r.mask is not None:
+                where.append(f"mask of input {r.media}")
+        lines.append(f"  {i}. {e.phrase!r}: " + "; ".join(where))
+    return lines
+
+
 def format_timings(t: dict) -> str:
     keys = ("preprocess_ms", "encode_ms", "prefill_ms", "ttft_ms")
     parts = [f"{k[:-3]} {t[k]:.1f} ms" for k in keys if k in t]
@@ -50,18 +66,67 @@ def cmd_run(args) -> int:
     session = _session(args)
     reply = session.chat().send(args.prompt, **_media(args), **_sampling(args))
     if args.json:
+        from .grounding import grounding_json
         reply.result()
         keys = ["preprocess_ms", "encode_ms", "prefill_ms", "ttft_ms", "decode_tok_s"]
         keys += sorted(k for k in reply.timings if k.startswith("encode_") and k != "encode_ms")
-        print(json.dumps({"text": reply.text, "token_ids": reply.token_ids, "finish_reason": reply.finish_reason,
-                          "timings": {k: reply.timings.get(k) for k in keys}}))
+        out = {"text": reply.text, "token_ids": reply.token_ids, "finish_reason": reply.finish_reason,
+               "timings": {k: reply.timings.get(k) for k in keys}}
+        if session.bundle.manifest.get("grounding"):
+            out["grounding"] = grounding_json(reply.grounding)
+            out["media"] = [{k: v for k, v in m.items() if k != "key"} for m in reply.conv.media()]
+        print(json.dumps(out))
     else:
         for piece in reply:
             print(piece, end="", flush=True)
         print()
+        for line in format_grounding(reply.grounding):
+            print(line, file=sys.stderr)
         print(f"[{format_timings(reply.timings)}]", file=sys.stderr)
+    if args.draw:
+        _write_drawing(args.draw, reply)
     session.close()
     return 0
+
+
+def _write_drawing(path: Path, reply) -> None:
+    """The answer's grounding drawn on its inputs (pictures: boxes and masks; videos: the
+    frames at each span) as one PNG, written atomically."""
+    import tempfile
+
+    from . import draw
+    from .preprocess import decode_image
+    from .video import read_frames_at
+
+    panels = []
+    for i, m in enumerate(reply.conv.media()):
+        src = m.get("source")
+        if src is None:
+            continue
+        if m["modality"] == "image":
+            panels.append(draw.draw_picture(decode_image(src), reply.grounding, i))
+        elif m["modality"] == "video":
+            times = draw.timeline_times(reply.grounding, i)
+            if times:
+                frames, _ = read_frames_at(src, times)
+                sheet = draw.draw_timeline(dict(zip(times, frames)), reply.grounding, i, float(m.get("duration", 0)))
+                panels.append(sheet)
+    if not panels:
+        print("scops: --draw: no picture or video to draw on", file=sys.stderr)
+        return
+    if not reply.grounding:
+        print("scops: --draw: the answer points at nothing; the input is drawn as it is", file=sys.stderr)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(draw.png_bytes(draw.vstack(panels)))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"scops: drew {len(reply.grounding)} entities -> {path}", file=sys.stderr)
 
 
 def cmd_chat(args) -> int:
@@ -100,6 +165,8 @@ def cmd_chat(args) -> int:
                 reply.close()
                 print(" [cancelled]", end="")
             print()
+            for line in format_grounding(reply.grounding):
+                print(line, file=sys.stderr)
             print(f"[{format_timings(reply.timings)}]", file=sys.stderr)
         except ScopsError as e:
             print(f"scops: error: {e}", file=sys.stderr)
@@ -183,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     session_args(p)
     media_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, timings)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, token_ids, timings; grounding for grounding families)")
+    p.add_argument("--draw", type=Path, metavar="OUT.png",
+                   help="draw what the answer points at (boxes, masks, video frames at its time spans)")
     sampling_args(p)
     p.set_defaults(fn=cmd_run)
 

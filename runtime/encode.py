@@ -59,6 +59,9 @@ class OnnxStage:
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.shape = self.sess.get_inputs()[0].shape          # first input, symbolic dims as str
         self.output = record["output"]
+        # run at most this many rows of the first axis at once (bounded activation memory:
+        # 64 video frames through EVA ViT-g in one call hold ~1.5 GB); 0: all at once
+        self.max_batch = int(record.get("max_batch", 0))
         # graph input name -> context key it is fed from
         self.feeds = dict(record.get("inputs") or {n: n for n in self.inputs})
         want_in = list(declared.get("inputs", {}))
@@ -75,7 +78,13 @@ class OnnxStage:
         return set(self.feeds.values())
 
     def run(self, ctx: dict) -> np.ndarray:
-        return self.sess.run(None, {name: ctx[key] for name, key in self.feeds.items()})[0]
+        feeds = {name: ctx[key] for name, key in self.feeds.items()}
+        n = next(iter(feeds.values())).shape[0]
+        if not self.max_batch or n <= self.max_batch or len(feeds) != 1:
+            return self.sess.run(None, feeds)[0]
+        (name, x), = feeds.items()
+        parts = [self.sess.run(None, {name: x[i:i + self.max_batch]})[0] for i in range(0, n, self.max_batch)]
+        return np.concatenate(parts, axis=0)
 
 
 INSTRUCTION_KEYS = {"instruction_ids", "instruction_mask"}

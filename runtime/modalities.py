@@ -26,6 +26,7 @@ class Kind:
     decode: Callable[[Any, dict], Any]          # source -> decoded value (cheap, hashable)
     key: Callable[[Any], str]                   # decoded -> content hash
     prepare: Callable[[Any, dict], np.ndarray]  # decoded -> first stage's batch [N, ...]
+    facts: Callable[[Any], dict] = lambda decoded: {}   # decoded -> geometry (size, duration)
 
 
 def _bytes(src, spec) -> bytes:
@@ -55,9 +56,36 @@ def _prepare_audio(wave, spec):
     return audio_clips(wave, audio_recipe(spec.get("recipe", "imagebind")))   # [clips, 1, 128, 204]
 
 
+def _decode_video(src, spec):
+    """ImageBind recipe: the encoded bytes (clips are cut at prepare time); LEGO: the sampled
+    frames themselves, found by seeking (a path is never read whole)."""
+    if spec.get("recipe") != "lego":
+        return _bytes(src, spec)
+    if not isinstance(src, (str, Path, bytes, bytearray, memoryview)):
+        from .errors import InputError
+        raise InputError(f"video input must be a path or bytes, not {type(src).__name__}")
+    from .video import sample_uniform
+    return sample_uniform(src, int(spec["frames"]), int(spec["size"]))   # ([T, S, S, 3] uint8, VideoInfo)
+
+
+def _video_key(decoded) -> str:
+    return _hash_bytes(decoded) if isinstance(decoded, bytes) else content_hash(decoded[0])
+
+
 def _prepare_video(data, spec):
+    if spec.get("recipe") == "lego":
+        from .video import frames_to_batch
+        return frames_to_batch(data[0], spec)                   # [T, 3, 224, 224]
     from .media import preprocess_video
     return preprocess_video(data)                               # [clips * crops, 3, 2, 224, 224]
+
+
+def _video_facts(decoded) -> dict:
+    if isinstance(decoded, bytes):
+        return {}
+    info = decoded[1]
+    return {"duration": info.duration, "frames": info.frames, "fps": info.fps, "width": info.width,
+            "height": info.height, "sampled": int(decoded[0].shape[0])}
 
 
 def _prepare_single(fn_name: str):
@@ -69,9 +97,10 @@ def _prepare_single(fn_name: str):
 
 KINDS = {
     "image": Kind(lambda src, spec: decode_image(src), content_hash,
-                  lambda rgb, spec: preprocess_image(rgb, spec)[None]),          # [1, 3, S, S]
-    "audio": Kind(_decode_audio, _audio_key, _prepare_audio),
-    "video": Kind(_bytes, _hash_bytes, _prepare_video),
+                  lambda rgb, spec: preprocess_image(rgb, spec)[None],           # [1, 3, S, S]
+                  lambda rgb: {"width": int(rgb.shape[1]), "height": int(rgb.shape[0])}),
+    "audio": Kind(_decode_audio, _audio_key, _prepare_audio, lambda w: {"duration": len(w.first) / w.rate}),
+    "video": Kind(_decode_video, _video_key, _prepare_video, _video_facts),
     "thermal": Kind(_bytes, _hash_bytes, _prepare_single("preprocess_thermal")),
     "depth": Kind(_bytes, _hash_bytes, _prepare_single("preprocess_depth")),
     "imu": Kind(_bytes, _hash_bytes, _prepare_single("preprocess_imu")),

@@ -101,15 +101,22 @@ def preprocess_image(rgb: np.ndarray, spec: dict) -> np.ndarray:
     """RGB uint8 [H, W, 3] -> float32 [3, S, S] as the family's original transforms do.
 
     resize "squash": straight to S x S (BLIP-2 / MiniGPT-4);
-    resize "short_side_crop": short side to S, then centre crop S x S (BuboGPT, ImageBind).
-    Pillow's resize is what torchvision's Resize runs on PIL images, so pixels match.
+    resize "short_side_crop": short side to S, then centre crop S x S (BuboGPT, ImageBind);
+    resize "pad_square": centred on a max(W, H) square of `pad_color`, then S x S (LEGO:
+    LLaVA's expand2square, then CLIPImageProcessor, whose short-side resize and centre
+    crop of a square are one resize).
+    Pillow's resize is what torchvision's Resize and HF's image processors run on PIL
+    images, so pixels match.
     """
     from PIL import Image
 
     size = int(spec["size"])
     resample = _RESAMPLE[spec.get("interpolation", "bicubic")]
     img = Image.fromarray(rgb)
-    if spec.get("resize", "squash") == "squash":
+    mode = spec.get("resize", "squash")
+    if mode == "pad_square":
+        img = pad_square(img, tuple(spec["pad_color"]))
+    if mode in ("squash", "pad_square"):
         img = img.resize((size, size), resample=resample)
     else:
         # torchvision Resize(S): short side to S, long side int(S * long / short) (truncated);
@@ -124,3 +131,16 @@ def preprocess_image(rgb: np.ndarray, spec: dict) -> np.ndarray:
     std = np.asarray(spec["std"], dtype=np.float32)
     x = (x - mean) / std
     return np.ascontiguousarray(x.transpose(2, 0, 1))                # [S, S, 3] -> [3, S, S]
+
+
+def pad_square(img, color: tuple):
+    """expand2square: the picture centred on a max(W, H) square; offsets (max - min) // 2."""
+    from PIL import Image
+
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), color)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out

@@ -95,6 +95,7 @@ class Session:
             self.llm.close()
             raise BundleError(msg)
         self._media: OrderedDict = OrderedDict()     # key -> (modality, bridge rows [Q, D])
+        self.facts: OrderedDict = OrderedDict()      # key -> what decoding learnt (size, duration, source)
         # input key -> instruction-free stage outputs (kept only where a Q-Former reads the question)
         self._base: OrderedDict = OrderedDict()
         instr = bundle.modalities.get("image", {}).get("instruction")
@@ -145,6 +146,11 @@ class Session:
         base_keys = [f"{modality}:{kind.key(d)}" for d in decoded]
         salt = "|q:" + content_hash(np.frombuffer(instruction.encode(), np.uint8)) if enc.uses_instruction else ""
         refs = [MediaRef(modality, k + salt) for k in base_keys]
+        for ref, src, d in zip(refs, sources, decoded):      # geometry for grounding (size, duration)
+            self.facts[ref.key] = dict(kind.facts(d), **({"source": str(src)} if isinstance(src, (str, Path)) else {}))
+            self.facts.move_to_end(ref.key)
+        while len(self.facts) > MEDIA_CACHE_ITEMS:
+            self.facts.popitem(last=False)
         t_enc = 0.0
         for ref, k, d in zip(refs, base_keys, decoded):
             if ref.key in self._media:

@@ -52,6 +52,14 @@ def _wrap(template: dict, ref: MediaRef) -> list:
     return [*_markup(template, head), ref, *_markup(template, tail)]
 
 
+def _ordered(template: dict, media: list) -> list:
+    """A turn's media in the template's "media_order" (LEGO: sound, video, image), else as given."""
+    order = template.get("media_order")
+    if not order:
+        return list(media)
+    return sorted(media, key=lambda ref: order.index(ref.modality) if ref.modality in order else len(order))
+
+
 def render(template: dict, messages: list[Message], system: str | None = None, cue: bool = True) -> list:
     """-> [str | MediaRef | Special, ...] for the whole conversation, ending with the
     assistant cue (cue=False: without it, e.g. the system prompt alone)."""
@@ -60,7 +68,7 @@ def render(template: dict, messages: list[Message], system: str | None = None, c
     for msg in messages:
         if msg.role == "user":
             content: list = []
-            for i, ref in enumerate(msg.media):
+            for i, ref in enumerate(_ordered(template, msg.media)):
                 if i:       # BuboGPT: every medium is its own "###Human:" message
                     content += mark(template.get("media_join", ""))
                 content += _wrap(template, ref)

@@ -149,3 +149,11 @@ def test_timeline_sheet_has_a_row_per_span():
     assert sheet is not None and sheet.shape[0] > 2 * 160 and sheet.shape[1] >= 3 * 213
     assert draw_timeline(frames, ents, 1, 20.0) is None
 
+
+
+def test_cli_lists_entities():
+    from scops.runtime.cli import format_grounding
+    ents = parse_answer("A dog [0.1, 0.2, 0.5, 0.6] barks {0.1,0.2}.",
+                        [MediaGeometry("image", 100, 100), MediaGeometry("video", duration=10.0)])
+    assert format_grounding(ents) == ["  1. 'A dog': box [10, 20, 50, 60] px of input 0",
+                                      "  2. 'barks': 1.00-2.00 s of input 1"]
