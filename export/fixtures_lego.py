@@ -26,11 +26,13 @@ from pathlib import Path
 
 from .bundle import atomic_dir
 from .fixtures import TinyShape, _configs, _randomize
-from .lego import ADDED_TOKENS, LEGO_TEMPLATE, SYSTEM
+from scops.runtime.templates import LEGO, LEGO_SYSTEM
+
+from .lego import ADDED_TOKENS
 
 RELEASE_DIR = "GroundingGPT"
 CLIP_DIR = "clip-vit-large-patch14-336"
-EXTRA_TEXT = (SYSTEM, "###Human: ###Assistant:", LEGO_TEMPLATE["ground_prompt"],
+EXTRA_TEXT = (LEGO_SYSTEM, "###Human: ###Assistant:", LEGO["ground_prompt"],
               "A dog [0.12, 0.4, 0.55, 0.93] is on a sofa {0.09,0.15}.")
 # Toy widths with the real head widths (the exporter derives head counts from them).
 EVA = {"width": 176, "blocks_used": 2, "mlp": int(176 * 4.3637)}          # 2 heads of 88

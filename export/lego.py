@@ -18,38 +18,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from scops.runtime.errors import ExportError
+
 from .assemble import FamilyExport, assemble_bundle
-from .lego_release import PREFIX, ReleaseError, open_release
+from .lego_release import PREFIX, open_release
 from .onnx_stages import OnnxStageSpec, TensorSpec
 
 FAMILY = "lego"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-# lego/conversation.py conv_lego (SeparatorStyle.SINGLE, sep "###"): system + "###" then
-# "Human: {msg}###" / "Assistant: {msg}###", the open turn "Assistant:"; stop at "###".
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 # The added tokens (LEGOLlamaForCausalLM.initialize_vision_tokenizer / _video_sound_tokenizer)
 # in the order they were added: ids 32000-32008 after Vicuna's 32000 pieces.
 ADDED_TOKENS = ("<im_patch>", "<im_start>", "<im_end>", "<vi_patch>", "<vi_start>", "<vi_end>",
                 "<so_patch>", "<so_start>", "<so_end>")
-LEGO_TEMPLATE = {
-    "system": SYSTEM,
-    "user": "###Human: {content}",
-    "assistant": "###Assistant:",
-    "answer": " {answer}",
-    "media": {"audio": "<so_start><ModalityHere><so_end>\n", "video": "<vi_start><ModalityHere><vi_end>\n",
-              "image": "<im_start><ModalityHere><im_end>\n"},
-    "media_order": ["audio", "video", "image"],
-    "media_sep": "",                  # each block ends with "\n"; the question follows it
-    "placeholder": "<ModalityHere>",
-    # markup strings that are single added tokens ({text: id} in the bundle, from the tokenizer)
-    "special": ["<im_start>", "<im_end>", "<vi_start>", "<vi_end>", "<so_start>", "<so_end>"],
-    "bos": True,
-    "stop": ["###"],
-    # the demo's (gradio_web_server.py) grounding prompt
-    "ground_prompt": "Please describe the image and include the object positions in [x0, y0, x1, y1] format.",
-}
 # train.py / builder.py: expand2square with tuple(int(x * 255) for x in image_mean) =
 # (122, 116, 104), then CLIPImageProcessor (shortest edge 336 bicubic, centre crop 336).
 LEGO_IMAGE = {"kind": "image", "size": 336, "resize": "pad_square", "pad_color": [122, 116, 104],
@@ -72,49 +53,52 @@ def _state(weights, prefix: str) -> dict:
 
 
 def stage_builders(release, weights) -> dict:
-    """name -> builder() of the PyTorch module each ONNX stage is exported from."""
+    """name -> builder() of the PyTorch module each ONNX stage is exported from. `weights`:
+    the release folder's TensorIndex (its tensors are read one at a time, as needed)."""
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from . import lego_modules as lm
-    from .lego_weights import read_state_dict
+    from .checkpoints import TensorIndex, load_pickle, unwrap
+    from .releases import read_eva_vit_g
 
     def clip():
         conf = CLIPVisionConfig.from_pretrained(release.clip)
         conf._attn_implementation = "eager"
         model = CLIPVisionModel(conf)
-        state = read_state_dict(release.clip, "CLIP tower", prefix="vision_model.")
-        model.vision_model.load_state_dict(state, strict=False)
+        state = TensorIndex.open(release.clip).load_prefix("vision_model.")
         missing = set(model.vision_model.state_dict()) - set(state)
         if missing:
-            raise ReleaseError(f"{release.clip}: CLIP weights lack {sorted(missing)[:4]}")
+            raise ExportError(f"{release.clip}: the CLIP weights lack {sorted(missing)[:4]}")
+        model.vision_model.load_state_dict(state, strict=False)     # position_ids: a buffer of older saves
         return lm.ClipPatches(model.eval(), int(release.config.get("mm_vision_select_layer", -2))).eval()
 
     def eva_and_qformer():
         from_release = release.eva is None
-        eva = _state(weights, "visual_encoder.") if from_release else read_state_dict(release.eva, "EVA ViT-g")
-        vit = lm.build_eva(eva, _state(weights, "ln_vision."), lm.eva_depth(eva, from_release))
-        q = _state(weights, "Qformer.")
-        qformer, query = lm.build_qformer({**{"Qformer." + k: v for k, v in q.items()},
-                                           "query_tokens": _state(weights, "query_tokens")[""]})
-        return lm.VideoFrames(vit, qformer, query).eval()
+        eva = _state(weights, "visual_encoder.") if from_release else read_eva_vit_g(release.eva)
+        vit = lm.build_eva(eva, _state(weights, "ln_vision."), from_release, release.eva or release.folder)
+        return lm.VideoFrames(vit, *qformer("Qformer", "query_tokens")).eval()
+
+    def qformer(name: str, query_key: str):
+        q = {"Qformer." + k: v for k, v in _state(weights, name + ".").items()}
+        return lm.build_qformer({**q, "query_tokens": _state(weights, query_key)[""]}, f"{release.folder} ({name})")
 
     def temporal(qformer_key: str, query_key: str, pos_key: str):
         def build():
-            q = _state(weights, qformer_key + ".")
-            qformer, query = lm.build_qformer({**{"Qformer." + k: v for k, v in q.items()},
-                                               "query_tokens": _state(weights, query_key)[""]})
             pos = _state(weights, pos_key + ".")["weight"]
-            return lm.TemporalQFormer(qformer, query, pos).eval()
+            return lm.TemporalQFormer(*qformer(qformer_key, query_key), pos).eval()
         return build
 
     def audio():
-        def is_audio(name: str) -> bool:                      # modality_<part>.audio.*
-            return name.split(".")[1:2] == ["audio"]
+        def is_audio(name: str) -> bool:                      # modality_<part>.audio.*: a full
+            return name.split(".")[1:2] == ["audio"]          # imagebind_huge.pth is 4.8 GB in fp32
         if release.imagebind is None:
-            state = weights.load_prefix(PREFIX + "audio_encoder.", keep=is_audio)
+            p = PREFIX + "audio_encoder."
+            state = {k[len(p):]: torch.from_numpy(weights.load(k)) for k in weights.names()
+                     if k.startswith(p) and is_audio(k[len(p):])}
         else:
-            state = read_state_dict(release.imagebind, "ImageBind-huge", keep=is_audio)
+            raw = unwrap(load_pickle(release.imagebind, "ImageBind-huge"), release.imagebind, "ImageBind-huge")
+            state = {k: v.float() for k, v in raw.items() if is_audio(k)}
         with torch.no_grad():
             return lm.build_audio_embed(state)
 
@@ -192,58 +176,46 @@ PROJECTORS = ((PREFIX + "mm_vision_projector.", "mm_projector.safetensors", "mlp
               (PREFIX + "audio_llama_proj.", "audio_projector.safetensors", "linear"))
 
 
-def special_ids(folder: Path, names) -> dict:
-    """{token text: id} of the template's special tokens, from the tokenizer's added tokens."""
-    import json
+def export_lego(src: str, out: Path, quant: str = "Q4_K_M", log: Callable[[str], None] = print,
+                encoder_precision: str = "fp32", llm: str | None = None) -> Path:
+    """`src`: the GroundingGPT HF folder, or a folder holding it (and the other files)."""
+    from scops.runtime.templates import LEGO
 
-    added = {}
-    for name in ("added_tokens.json",):
-        if (folder / name).is_file():
-            added.update(json.loads((folder / name).read_text()))
-    cfg = folder / "tokenizer_config.json"
-    if cfg.is_file():
-        for i, spec in (json.loads(cfg.read_text()).get("added_tokens_decoder") or {}).items():
-            added.setdefault(spec.get("content"), int(i))
-    missing = [n for n in names if n not in added]
-    if missing:
-        raise ReleaseError(f"{folder}: the tokenizer has no added token(s) {missing} (added_tokens.json)")
-    return {n: int(added[n]) for n in names}
-
-
-def export_lego(src: str, out: Path, quant: str = "Q4_K_M",
-                log: Callable[[str], None] = print, encoder_precision: str = "fp32") -> Path:
-    from .lego_weights import WeightIndex
+    from .checkpoints import TensorIndex
 
     if encoder_precision != "fp32":
-        raise ValueError("lego: --encoder-precision other than fp32 is not supported yet")
-    weights = WeightIndex.open(Path(src).expanduser())
-    release = open_release(src, weights.names())
+        raise ExportError("lego: --encoder-precision other than fp32 is not supported yet")
+    folder = find_release_folder(Path(src).expanduser())
+    weights = TensorIndex.open(folder)
+    release = open_release(folder, weights.names())
     specs = stage_specs(release, weights)
-    n_embd = int(release.config["hidden_size"])
     builders = stage_builders(release, weights)
-    template = dict(LEGO_TEMPLATE, special=special_ids(release.folder, LEGO_TEMPLATE["special"]))
     fam = FamilyExport(
         family=FAMILY,
         stages=tuple((builders[name], spec) for name, spec in specs.items()),
         projection_prefix=PROJECTORS[0][0], projectors=PROJECTORS,
-        llm_prefix="", text_config=release.llm_config(), template=template,
-        modalities=modality_records(specs, n_embd, release.config),
-        load=lambda prefix: weights.load_prefix(prefix),
-        facts={"grounding": "answer_text"},
+        llm_prefix="", text_config=release.llm_config(), template=LEGO,
+        modalities=modality_records(specs, int(release.config["hidden_size"]), release.config),
+        load=weights.load_prefix, facts={"grounding": "answer_text"},
+        llm_dir=Path(llm) if llm else None,
     )
-    import dataclasses
-    import shutil
-    import tempfile
+    return assemble_bundle(fam, release.folder, out, quant, log, encoder_precision)
 
-    # STOPGAP until the shared .bin reader (issue 9) lands: the LLM's tensors as one safetensors
-    tmp = Path(tempfile.mkdtemp(prefix=".lego-llm-", dir=Path(out).resolve().parent))
-    try:
-        from safetensors.torch import save_file
-        llm = {k: v for sd in weights.shards.values() for k, v in sd.items()           # memory-mapped, as stored
-               if k.startswith(("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."))}
-        save_file(llm, str(tmp / "model.safetensors"))
-        shutil.copy(release.folder / "tokenizer.model", tmp / "tokenizer.model")
-        fam = dataclasses.replace(fam, llm_dir=tmp)
-        return assemble_bundle(fam, release.folder, out, quant, log, encoder_precision)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def find_release_folder(src: Path) -> Path:
+    """The HF folder itself, or the one sub-folder of `src` whose config.json says "LEGO"."""
+    import json
+
+    if (src / "config.json").is_file() or not src.is_dir():
+        return src
+    found = []
+    for cfg in sorted(src.glob("*/config.json")):
+        try:
+            if json.loads(cfg.read_text()).get("model_type") == "LEGO":
+                found.append(cfg.parent)
+        except (ValueError, UnicodeDecodeError):
+            continue
+    if len(found) == 1:
+        return found[0]
+    raise ExportError(f"{src}: expected the GroundingGPT folder (config.json with model_type \"LEGO\") "
+                      f"{'here or in one sub-folder' if not found else 'in one sub-folder, found ' + str(len(found))}")

@@ -18,66 +18,48 @@ import re
 import torch
 import torch.nn as nn
 
-EVA_HEAD_DIM = 88            # create_eva_vit_g: num_heads = 1408 // 88
-BERT_HEAD_DIM = 64           # bert-base-uncased: 768 / 12
 IMAGEBIND_HEAD_DIM = 64      # imagebind_huge audio trunk: 768 / 12
-EVA_DEPTH = 39               # create_eva_vit_g(depth=39): eva_vit_g.pth stores 40 blocks
-EVA_EPS = 1e-6               # norm_layer=partial(nn.LayerNorm, eps=1e-6)
-LN_VISION_EPS = 1e-5         # blip2.py LayerNorm(num_features): torch default eps
-BERT_EPS = 1e-12             # bert-base-uncased layer_norm_eps
 
 
 def _blocks(state: dict, pattern: str) -> int:
     return len({int(m.group(1)) for k in state if (m := re.match(pattern, k))})
 
 
-def eva_depth(eva: dict, from_release: bool) -> int:
-    """All blocks of a release's visual_encoder; of eva_vit_g.pth the first 39 (all but its
-    last for scaled-down files written the same way)."""
-    n = _blocks(eva, r"blocks\.(\d+)\.")
-    return n if from_release else min(EVA_DEPTH, n - 1)
-
-
-def build_eva(eva: dict, ln_vision: dict, depth: int):
-    """EVA ViT-g + ln_vision as HF Blip2VisionModel: [B,3,224,224] -> [B,257,D]."""
+def build_eva(eva: dict, ln_vision: dict, from_release: bool, where):
+    """EVA ViT-g + ln_vision as HF Blip2VisionModel: [B,3,224,224] -> [B,257,D]. A release's
+    visual_encoder holds exactly the blocks it runs; eva_vit_g.pth one more (40 for 39)."""
     from transformers import Blip2VisionConfig, Blip2VisionModel
 
-    from .bubogpt import eva_to_hf
+    from .releases import EVA_DROPPED_BLOCKS, LN_VISION_EPS, eva_config, eva_to_hf
 
-    width = eva["cls_token"].shape[-1]
-    patch = eva["patch_embed.proj.weight"].shape[-1]
-    tokens = eva["pos_embed"].shape[1]
-    conf = Blip2VisionConfig(hidden_size=width, intermediate_size=eva["blocks.0.mlp.fc1.weight"].shape[0],
-                             num_hidden_layers=depth, num_attention_heads=width // EVA_HEAD_DIM,
-                             image_size=int(round((tokens - 1) ** 0.5)) * patch, patch_size=patch,
-                             layer_norm_eps=EVA_EPS, qkv_bias=True)
+    cfg = eva_config(eva, where, dropped=0 if from_release else EVA_DROPPED_BLOCKS)
+    conf = Blip2VisionConfig(**cfg)
     conf._attn_implementation = "eager"
     model = Blip2VisionModel(conf)
     model.post_layernorm.eps = LN_VISION_EPS
-    keep = {k: v for k, v in eva.items() if not (m := re.match(r"blocks\.(\d+)\.", k)) or int(m.group(1)) < depth}
-    model.load_state_dict(eva_to_hf(keep, ln_vision))
+    model.load_state_dict(eva_to_hf(eva, ln_vision, cfg["num_hidden_layers"]))
     return model.eval()
 
 
-def build_qformer(state: dict):
+def build_qformer(state: dict, where):
     """A LAVIS Q-Former (`Qformer.bert.*` + `query_tokens`, text parts absent or ignored) as
-    HF Blip2QFormerModel, and its query tokens [1, Q, D]."""
+    HF Blip2QFormerModel, and its query tokens [1, Q, D]. Which layers cross-attend is read
+    off the keys (BLIP-2's: every 2nd; LEGO's video / audio Q-Formers: every layer)."""
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-    from .bubogpt import lavis_qformer_to_hf
+    from scops.runtime.errors import ExportError
 
+    from .releases import lavis_qformer_to_hf, qformer_config
+
+    cfg = qformer_config(state, where)
     hf, query = lavis_qformer_to_hf(state)
-    layers = _blocks(hf, r"encoder\.layer\.(\d+)\.")
+    layers = cfg["num_hidden_layers"]
     cross = sorted({int(m.group(1)) for k in hf if (m := re.match(r"encoder\.layer\.(\d+)\.crossattention\.", k))})
     freq = cross[1] - cross[0] if len(cross) > 1 else layers
     if cross != list(range(0, layers, freq)):
-        raise ValueError(f"Q-Former cross-attention layers {cross} are not every {freq}-th of {layers}")
-    width = query.shape[-1]
-    conf = Blip2QFormerConfig(
-        hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // BERT_HEAD_DIM,
-        intermediate_size=hf["encoder.layer.0.intermediate_query.dense.weight"].shape[0],
-        cross_attention_frequency=freq, encoder_hidden_size=hf["encoder.layer.0.crossattention.attention.key.weight"].shape[1],
-        layer_norm_eps=BERT_EPS, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        raise ExportError(f"{where}: Q-Former cross-attention layers {cross} are not every {freq}-th of {layers}")
+    conf = Blip2QFormerConfig(**dict(cfg, cross_attention_frequency=freq), hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0)
     conf._attn_implementation = "eager"
     model = Blip2QFormerModel(conf)
     model.load_state_dict(hf)

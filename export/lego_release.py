@@ -24,15 +24,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from scops.runtime.errors import ExportError
+
 CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"   # builder.py loads this id, whatever config says
 EVA_FILE = "eva_vit_g.pth"
 IMAGEBIND_FILE = "imagebind_huge.pth"
 MODEL_TYPE = "LEGO"
 PREFIX = "model."
-
-
-class ReleaseError(ValueError):
-    """A release folder that cannot be exported (missing file, wrong keys); names the file."""
 
 
 def _candidates(src: Path, *names: str) -> list[Path]:
@@ -58,7 +56,7 @@ def find_clip(src: Path, tower: str) -> Path:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(CLIP_HUB_ID, allow_patterns=["*.json", "*.bin", "*.safetensors"]))
     except Exception:
-        raise ReleaseError(f"{src}: the CLIP tower {CLIP_HUB_ID} was not found; put its HF folder at "
+        raise ExportError(f"{src}: the CLIP tower {CLIP_HUB_ID} was not found; put its HF folder at "
                            f"{src.parent / base} (config.json + pytorch_model.bin)") from None
 
 
@@ -85,13 +83,13 @@ def open_release(src: str | Path, names: set) -> LegoRelease:
     folder = Path(src).expanduser()
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise ReleaseError(f"{folder}: no config.json (expected the zwli/GroundingGPT folder)")
+        raise ExportError(f"{folder}: no config.json (expected the zwli/GroundingGPT folder)")
     try:
         config = json.loads(cfg_path.read_text())
     except ValueError as e:
-        raise ReleaseError(f"{cfg_path}: malformed JSON ({e})") from None
+        raise ExportError(f"{cfg_path}: malformed JSON ({e})") from None
     if config.get("model_type") != MODEL_TYPE:
-        raise ReleaseError(f"{cfg_path}: model_type is {config.get('model_type')!r}, not {MODEL_TYPE!r}")
+        raise ExportError(f"{cfg_path}: model_type is {config.get('model_type')!r}, not {MODEL_TYPE!r}")
     has_eva = any(n.startswith(PREFIX + "visual_encoder.") for n in names)
     has_ib = any(n.startswith(PREFIX + "audio_encoder.") for n in names)
     eva = None if has_eva else find_file(folder, EVA_FILE)
@@ -99,6 +97,6 @@ def open_release(src: str | Path, names: set) -> LegoRelease:
     missing = [n for n, have, path in ((EVA_FILE, has_eva, eva), (IMAGEBIND_FILE, has_ib, imagebind))
                if not have and path is None]
     if missing:
-        raise ReleaseError(f"{folder}: {', '.join(missing)} not found; the release does not hold those encoders, "
+        raise ExportError(f"{folder}: {', '.join(missing)} not found; the release does not hold those encoders, "
                            f"so put the file(s) in {folder} or {folder.parent}")
     return LegoRelease(folder, config, find_clip(folder, str(config.get("mm_vision_tower", ""))), eva, imagebind)

@@ -37,7 +37,9 @@ _KEY = {"type": "string", "minLength": 1, "maxLength": 128}
 STAGE_OPS: dict[str, tuple[dict, dict]] = {
     # an onnxruntime graph: {graph input: context key}, its first output stored under `output`
     "onnx": ({"file": _NAME, "output": _KEY},
-             {"inputs": {"type": "object", "additionalProperties": _KEY, "maxProperties": 16}}),
+             {"inputs": {"type": "object", "additionalProperties": _KEY, "maxProperties": 16},
+              # run at most this many rows of the first axis per call (LEGO: 16 video frames of EVA-g)
+              "max_batch": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS}}),
     # x / max(||x||, eps) * scale over the last axis
     "l2norm": ({"input": _KEY, "output": _KEY}, {"scale": {"type": "number"}}),
     # [clips, ...] -> [1, ...]: the mean over the first axis
@@ -79,6 +81,8 @@ TEMPLATE = {
         "special": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0,
                                                                "maximum": MAX_VOCAB}},
         "history_drop": {"type": "integer", "minimum": 0, "maximum": 16},
+        "media_order": {"type": "array", "items": {"type": "string"}, "maxItems": 16},
+        "ground_prompt": {"type": "string"},
     },
 }
 
@@ -127,6 +131,8 @@ SCHEMA = {
         "files": {"type": "object", "minProperties": 1, "maxProperties": 256,
                   "propertyNames": {"pattern": FILE_NAME}, "additionalProperties": FILE_ENTRY},
         "combine": {"type": "object", "properties": {"op": {"const": "sum"}}},
+        # answers that carry their own grounding (LEGO: boxes / spans in the text -> Reply.grounding)
+        "grounding": {"enum": ["answer_text"]},
     },
 }
 

@@ -116,6 +116,23 @@ FAMILIES: tuple[Family, ...] = (
         sequence="`###Human: <Vision>[32]</Vision>` / `<Audio>[32]</Audio>`, either order, over turns",
         hub_ids=("magicr/BuboGPT-ckpt",),
     ),
+    Family(
+        name="lego", title="LEGO / GroundingGPT (CLIP-L/14-336 image, EVA + Q-Formers video, ImageBind audio; "
+                           "answers that point)",
+        exporter="scops.export.lego:export_lego",
+        fixtures=(("lego-tiny", "scops.export.fixtures_lego:build_lego_tiny"),),
+        inputs=("image", "video", "audio"), templates=("lego",),
+        release=(ReleaseFile(("GroundingGPT/",), "LEGOLlamaForCausalLM.save_pretrained: config.json, "
+                             "pytorch_model-*.bin, tokenizer with the 9 added tokens", "zwli/GroundingGPT (HF)"),
+                 ReleaseFile(("clip-vit-large-patch14-336/",), "CLIP ViT-L/14-336, HF CLIPModel folder",
+                             "openai/clip-vit-large-patch14-336 (HF)"),
+                 EVA_VIT_G,
+                 ReleaseFile(("imagebind_huge.pth", "imagebind/imagebind_huge.pth"),
+                             "ImageBind-huge (the audio trunk and head are used)", IMAGEBIND)),
+        sequence="`###Human: <so_start>[8]<so_end>\\n<vi_start>[64]<vi_end>\\n<im_start>[576]<im_end>\\nq"
+                 "###Assistant:`; the answer's boxes and time spans become `grounding`",
+        hub_ids=("zwli/GroundingGPT",),
+    ),
 )
 
 BY_NAME = {f.name: f for f in FAMILIES}

@@ -14,6 +14,8 @@ Keys (runtime/template.py renders them):
   special       strings of the template's own markup that are single tokens of the LLM's
                 vocabulary (resolved to ids at export: {text: id} in the manifest); user
                 text is never parsed for them
+  media_order   the order of a turn's media, whatever order they were given in (LEGO)
+  ground_prompt the family's own prompt for grounded answers (LEGO's demo), for UIs
 """
 from __future__ import annotations
 
@@ -99,4 +101,26 @@ BUBOGPT = {
     "placeholder": "<ModalityHere>",
     "bos": True,                      # get_context_emb: add_special_tokens only on the first segment
     "stop": ["###"],                  # stop ids [835] / [2277, 29937]
+}
+# LEGO / GroundingGPT (lego/conversation.py conv_lego, SeparatorStyle.SINGLE, sep "###"): system
+# + "###Human: " + content + "###Assistant:". gradio_web_server.py prepends to the question, each
+# followed by "\n", the image block, then the video block, then the sound block: the turn reads
+# sound, video, image, question. The rows take the places of the <*_patch> tokens; the
+# start/end tokens are added tokens (ids 32001-32008 after <im_patch> 32000). Stop at "###".
+LEGO_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+LEGO = {
+    "system": LEGO_SYSTEM,
+    "user": "###Human: {content}",
+    "assistant": "###Assistant:",
+    "answer": " {answer}",
+    "media": {"audio": "<so_start><ModalityHere><so_end>\n", "video": "<vi_start><ModalityHere><vi_end>\n",
+              "image": "<im_start><ModalityHere><im_end>\n"},
+    "media_order": ["audio", "video", "image"],
+    "media_sep": "",                  # each block ends with "\n"; the question follows it
+    "placeholder": "<ModalityHere>",
+    "special": ["<im_start>", "<im_end>", "<vi_start>", "<vi_end>", "<so_start>", "<so_end>"],
+    "bos": True,
+    "stop": ["###"],
+    "ground_prompt": "Please describe the image and include the object positions in [x0, y0, x1, y1] format.",
 }

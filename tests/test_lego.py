@@ -317,3 +317,11 @@ def test_export_names_what_is_missing(release, tmp_path, capsys):
     (partial / "config.json").unlink()
     assert main(argv) == 2 and "config.json" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_from_takes_the_folder_holding_the_release(release, tmp_path):
+    from scops.export.lego import find_release_folder
+    from scops.runtime.errors import ExportError
+    assert find_release_folder(release.parent) == release and find_release_folder(release) == release
+    with pytest.raises(ExportError, match="GroundingGPT folder"):
+        find_release_folder(tmp_path)
