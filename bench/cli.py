@@ -1,10 +1,14 @@
 """`scops bench`: shape-faithful benchmarks of scops side by side with its peers.
 
     scops bench --shape minigpt4-small --vs hf,llama-cpp --reps 5 --out bench-out
+    scops bench --device cuda --shape minigpt4-7b --vs hf,llama-cpp --out $OUT
+    scops bench --device cuda --rehearse --shape tiny --vs hf,llama-cpp    # the GPU plan, on the CPU
 
 Builds (once, cached) a random-weight checkpoint at the shape's real widths and its
-bundle, runs scops, HF transformers fp32 and raw llama-cpp-python each in its own
-process, prints a markdown table and writes report.md, report.json and latency.png.
+bundle, runs scops, HF transformers and raw llama-cpp-python each in its own process,
+prints a markdown table and writes report.md, report.json and latency.png. On the CPU the
+HF peer is fp32 eager; with --device cuda it is two peers, fp16 eager and bitsandbytes NF4,
+and every system's peak VRAM is measured (NVML).
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ def _peers(text: str) -> tuple:
 
 
 def reproduce_command(args) -> str:
-    parts = ["scops bench", f"--shape {args.shape}"]
+    parts = ["scops bench"] + (["--device cuda"] if args.device == "cuda" else []) + \
+        (["--rehearse"] if args.rehearse else []) + [f"--shape {args.shape}"]
     if args.vs:
         parts.append(f"--vs {','.join(args.vs)}")
     parts += [f"--reps {args.reps}", f"--tokens {args.tokens}", f"--threads {args.threads}",
@@ -45,16 +50,23 @@ def cmd_bench(args) -> int:
     from .report import write_report
     from .run import BenchOptions, run_bench
 
+    if args.rehearse and args.device != "cuda":
+        raise SystemExit("scops bench: --rehearse rehearses the GPU run: give it with --device cuda")
+    device = "cpu" if args.rehearse else args.device
     opts = BenchOptions(args.shape, tuple(args.vs), args.reps, args.tokens, args.threads,
-                        args.encoder_precision, Path(args.out)).resolved()
+                        args.encoder_precision or "", Path(args.out), device, args.rehearse).resolved()
     args.reps, args.tokens, args.threads = opts.reps, opts.tokens, opts.threads
+    args.encoder_precision = opts.encoder_precision
     command = reproduce_command(args)
     _log(f"{command}")
     result = run_bench(opts, _log)
     md = write_report(result, opts.out, command)
     print(md)
     m = result["machine"]
-    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM")
+    gpu = f"{m['gpu']}, " if m.get("gpu") else ""
+    print(f"machine: {gpu}{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM")
+    if result.get("rehearsal"):
+        print("CPU REHEARSAL of the GPU run: these are CPU figures, not GPU ones")
     print(f"reproduce: {command}")
     print(f"wrote {opts.out / 'report.md'}, report.json, latency.png ({result['wall_s']:.0f}s)")
     return 0
@@ -68,6 +80,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--reps", type=int, default=0, help="timed repetitions after one warm-up (0: shape default)")
     p.add_argument("--tokens", type=int, default=0, help="decode length, EOS ignored (0: shape default)")
     p.add_argument("--threads", type=int, default=0, help="threads for every system (0: one per core)")
-    p.add_argument("--encoder-precision", default="int8", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--encoder-precision", default=None, choices=["fp32", "fp16", "int8"],
+                   help="default: int8 on the CPU, fp16 with --device cuda")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rehearse", action="store_true",
+                   help="with --device cuda: run the GPU plan (peers, keys, report) on the CPU")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.set_defaults(fn=cmd_bench)

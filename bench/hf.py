@@ -1,4 +1,9 @@
-"""The HF transformers peer: MiniGPT-4's pipeline in eager PyTorch fp32 on CPU, stage by stage.
+"""The HF transformers peers: MiniGPT-4's pipeline in eager PyTorch, stage by stage.
+
+Modes: "fp32" (CPU), "fp16" (GPU: fp16 weights, eager attention) and "nf4" (GPU: the LLM's
+linear layers in bitsandbytes 4-bit NF4 with fp16 compute, the ViT / Q-Former / projection
+in fp16 -- what a user with a small card would pick). On a GPU every stage boundary waits
+for the device (torch.cuda.synchronize), so each stage's time is its own.
 
 Same logic as tests/reference.py (BLIP-2 eval transform, vision -> Q-Former -> projection,
 MiniGPT-4's literal prompt with the rows spliced at <ImageHere>, `generate` on
@@ -39,25 +44,47 @@ class TokenClock:
         pass
 
 
+MODES = ("fp32", "fp16", "nf4")
+# Modules bitsandbytes leaves in fp16 in "nf4" mode: everything but the LLM's blocks.
+NF4_SKIP = ["vision_model", "qformer", "language_projection", "lm_head"]
+
+
 class HfPipeline:
-    def __init__(self, ckpt: Path):
+    def __init__(self, ckpt: Path, mode: str = "fp32", device: str = "cpu"):
         import sentencepiece as spm
         import torch
         from transformers import Blip2ForConditionalGeneration
 
-        self.torch = torch
-        self.model = Blip2ForConditionalGeneration.from_pretrained(
-            ckpt, torch_dtype=torch.float32, attn_implementation="eager").eval()
+        if mode not in MODES:
+            raise ValueError(f"HF mode must be one of {MODES}, got {mode!r}")
+        self.torch, self.device = torch, torch.device(device)
+        dtype = torch.float32 if mode == "fp32" else torch.float16
+        kw = dict(torch_dtype=dtype, attn_implementation="eager")
+        if mode == "nf4":
+            from transformers import BitsAndBytesConfig
+            kw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
+                llm_int8_skip_modules=NF4_SKIP)
+            kw["device_map"] = {"": self.device.index or 0} if self.device.type == "cuda" else {"": "cpu"}
+        self.model = Blip2ForConditionalGeneration.from_pretrained(ckpt, **kw).eval()
+        if mode != "nf4":
+            self.model.to(self.device)
+        self.dtype = dtype
         self.sp = spm.SentencePieceProcessor(model_file=str(Path(ckpt) / "tokenizer.model"))
         self.mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
         self.std = torch.tensor(CLIP_STD).view(3, 1, 1)
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def pixels(self, rgb: np.ndarray):
         """BLIP-2 eval transform: Resize((224, 224), bicubic) -> ToTensor -> Normalize -> [1,3,224,224]."""
         from PIL import Image
         img = Image.fromarray(rgb).resize((224, 224), Image.BICUBIC)
         x = self.torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255.0   # [224,224,3] -> [3,224,224]
-        return ((x - self.mean) / self.std).unsqueeze(0)
+        return ((x - self.mean) / self.std).unsqueeze(0).to(self.device, self.dtype)
 
     def token_ids(self, prompt: str) -> list[list[int]]:
         segs = prompt.split("<ImageHere>")
@@ -68,29 +95,32 @@ class HfPipeline:
         torch, m = self.torch, self.model
         lm = m.language_model
         with torch.no_grad():
-            t0 = time.perf_counter()
+            t0 = self._now()
             px = self.pixels(rgb)
-            t1 = time.perf_counter()
+            t1 = self._now()
             embeds = m.vision_model(pixel_values=px).last_hidden_state             # [1, 257, Dv]
-            t2 = time.perf_counter()
-            query = m.query_tokens.expand(embeds.shape[0], -1, -1)
-            bridge = m.qformer(query_embeds=query, encoder_hidden_states=embeds).last_hidden_state   # [1, 32, Dq]
-            t3 = time.perf_counter()
-            rows = m.language_projection(bridge)                                   # [1, 32, D]
-            t4 = time.perf_counter()
+            t2 = self._now()
+            qdtype = next(m.qformer.parameters()).dtype         # HF keeps the Q-Former in fp32
+            query = m.query_tokens.expand(embeds.shape[0], -1, -1).to(qdtype)
+            bridge = m.qformer(query_embeds=query, encoder_hidden_states=embeds.to(qdtype)).last_hidden_state  # [1, 32, Dq]
+            t3 = self._now()
+            rows = m.language_projection(bridge.to(m.language_projection.weight.dtype))   # [1, 32, D]
+            t4 = self._now()
             embed = lm.get_input_embeddings()
             parts = []
             for i, ids in enumerate(self.token_ids(minigpt4_prompt(question))):
                 if i > 0:
-                    parts.append(rows)
-                parts.append(embed(torch.tensor([ids])))
+                    parts.append(rows.to(embed.weight.dtype))
+                parts.append(embed(torch.tensor([ids], device=self.device)))
             inputs = torch.cat(parts, dim=1)                                       # [1, n_prompt, D]
             clock = TokenClock()
-            lm.generate(inputs_embeds=inputs, attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long),
+            mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=self.device)
+            lm.generate(inputs_embeds=inputs, attention_mask=mask,
                         max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, num_beams=1,
                         pad_token_id=0, eos_token_id=None, streamer=clock)
         first, last, n = clock.times[0], clock.times[-1], len(clock.times)
         return {"preprocess": (t1 - t0) * 1e3, "encoder": (t2 - t1) * 1e3, "qformer": (t3 - t2) * 1e3,
                 "projection": (t4 - t3) * 1e3, "prefill": (first - t4) * 1e3, "ttft": (first - t0) * 1e3,
                 "decode_tok_s": (n - 1) / (last - first) if n > 1 else 0.0, "n_tokens": n,
+                "answer": (last - t0) * 1e3,
                 "prompt_cells": int(inputs.shape[1])}

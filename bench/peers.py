@@ -1,6 +1,12 @@
-"""One system per process: scops, HF transformers (fp32 eager) or raw llama-cpp-python.
+"""One system per process: scops, HF transformers (fp32 / fp16 eager, bitsandbytes NF4) or
+raw llama-cpp-python.
 
-    python -m scops.bench.peers SYSTEM --bundle B --ckpt C --reps N --tokens T --threads K --out F.json
+    python -m scops.bench.peers SYSTEM --bundle B --ckpt C --reps N --tokens T --threads K \
+        [--device cuda] --out F.json
+
+SYSTEM: scops | hf (fp32) | hf-fp16 | hf-nf4 | llama-cpp. --device cuda puts every system on
+the GPU (scops: onnxruntime CUDA EP, CUDA projector, all LLM layers offloaded; llama-cpp:
+n_gpu_layers=-1); --device cpu with a GPU system name is the CPU rehearsal of the GPU run.
 
 Each run does one warm-up repetition and then `reps` timed ones on the same prompt and
 images, with a fixed decode length (EOS ignored, greedy), and writes per-repetition
@@ -74,7 +80,8 @@ class StageTimer:
 def run_scops(args, images) -> list[dict]:
     from scops.runtime.session import Session
 
-    s = Session.open(args.bundle, n_ctx=N_CTX, threads=args.threads)
+    s = Session.open(args.bundle, n_ctx=N_CTX, threads=args.threads, device=args.device)
+    say(f"backends: {s.describe_backends()}")
     timer = StageTimer()
     enc = s.encoders["image"]
     for stage, key in zip(enc.base + enc.rest, ("encoder", "qformer")):     # vision, Q-Former
@@ -94,6 +101,7 @@ def run_scops(args, images) -> list[dict]:
             "qformer": turn1.get("qformer", 0.0), "projection": turn1.get("projection", 0.0),
             "prefill": t1["prefill_ms"] - turn1.get("projection", 0.0), "ttft": t1["ttft_ms"],
             "decode_tok_s": t1.get("decode_tok_s", 0.0), "n_tokens": t1.get("n_tokens", 0),
+            "answer": answer_ms(t1["ttft_ms"], t1.get("n_tokens", 0), t1.get("decode_tok_s", 0.0)),
             "reused_cells": t1["reused_cells"], "decoded_cells": t1["decoded_cells"],
             "turn2_ttft": t2["ttft_ms"], "turn2_reused_cells": t2["reused_cells"],
             "turn2_decoded_cells": t2["decoded_cells"], "prompt_cells": len(r1.cells)})
@@ -103,10 +111,16 @@ def run_scops(args, images) -> list[dict]:
     return samples
 
 
+def answer_ms(ttft_ms: float, n_tokens: int, tok_s: float) -> float:
+    """Image in -> last token out: the first token, then n - 1 more at the decode rate."""
+    return ttft_ms + ((n_tokens - 1) / tok_s * 1e3 if n_tokens > 1 and tok_s > 0 else 0.0)
+
+
 def run_hf(args, images) -> list[dict]:
     import torch
     torch.set_num_threads(args.threads)
-    pipe = HfPipeline(Path(args.ckpt))
+    mode = {"hf": "fp32", "hf-fp16": "fp16", "hf-nf4": "nf4"}[args.system]
+    pipe = HfPipeline(Path(args.ckpt), mode, args.device)
     samples = []
     for i, img in enumerate(images):
         t = pipe.run(img, QUESTION, args.tokens)
@@ -118,13 +132,17 @@ def run_hf(args, images) -> list[dict]:
 def run_llama_cpp(args, images) -> list[dict]:
     """The same GGUF through llama-cpp-python's own Llama.generate: prompt of the same
     length as scops' (the 32 image rows stood in for by 32 text tokens), greedy."""
+    if args.device == "cuda":
+        from scops.runtime.gpu import preload_cuda_libraries
+        preload_cuda_libraries()
     import llama_cpp
     from scops.runtime.templates import MINIGPT4 as MINIGPT4_TEMPLATE
 
     manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
     llm = llama_cpp.Llama(model_path=str(Path(args.bundle) / manifest["llm"]["file"]), n_ctx=N_CTX,
                           n_batch=512, n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads,
-                          flash_attn=True, verbose=False)    # scops' "auto" picks flash attention on CPU
+                          n_gpu_layers=-1 if args.device == "cuda" else 0,
+                          flash_attn=True, verbose=False)    # scops' "auto" picks flash attention
     tpl = MINIGPT4_TEMPLATE
     head = tpl["system"] + tpl["user"].format(content="<Img>")
     tail = "</Img> " + QUESTION + tpl["assistant"]
@@ -143,13 +161,14 @@ def run_llama_cpp(args, images) -> list[dict]:
         n = len(times)
         tok_s = (n - 1) / (times[-1] - times[0]) if n > 1 else 0.0
         samples.append({"prefill": (times[0] - t0) * 1e3, "ttft": (times[0] - t0) * 1e3,
-                        "decode_tok_s": tok_s, "n_tokens": n, "prompt_cells": len(ids)})
+                        "decode_tok_s": tok_s, "n_tokens": n, "prompt_cells": len(ids),
+                        "answer": (times[-1] - t0) * 1e3})
         say(f"rep {i}: prefill {samples[-1]['prefill']:.0f} ms, decode {tok_s:.1f} tok/s")
     llm.close()
     return samples
 
 
-RUNNERS = {"scops": run_scops, "hf": run_hf, "llama-cpp": run_llama_cpp}
+RUNNERS = {"scops": run_scops, "hf": run_hf, "hf-fp16": run_hf, "hf-nf4": run_hf, "llama-cpp": run_llama_cpp}
 
 
 def main(argv=None) -> int:
@@ -160,6 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     os.environ["SCOPS_BENCH_SYSTEM"] = args.system

@@ -21,6 +21,11 @@ from .shapes import SHAPES, ensure_bundle
 
 Log = Callable[[str], None]
 PEERS = ("hf", "llama-cpp")
+# On a GPU, "hf" is two peers: fp16 eager and bitsandbytes NF4 (the 4-bit PyTorch baseline).
+GPU_PEERS = {"hf": ("hf-fp16", "hf-nf4"), "llama-cpp": ("llama-cpp",)}
+# GPU runs: the answer the targets speak of is 128 tokens long.
+GPU_TOKENS = 128
+GPU_REPS = 5
 # Stages shown per system, in pipeline order; "ttft" spans preprocess .. first token.
 STAGES = ("preprocess", "encoder", "qformer", "projection", "prefill")
 # Bandwidth probe: 512 MiB source (well past any CPU cache), copied 5 times, best kept.
@@ -35,13 +40,30 @@ class BenchOptions:
     reps: int = 0                  # 0: the shape's default
     tokens: int = 0                # 0: the shape's default
     threads: int = 0               # 0: one per core
-    encoder_precision: str = "int8"
+    encoder_precision: str = ""    # "": int8 on the CPU (onnxruntime's fast path there), fp16 on a GPU
     out: Path = Path("bench-out")
+    device: str = "cpu"            # cpu | cuda
+    rehearse: bool = False         # the cuda plan (its peers, keys and report) run on the CPU
+
+    @property
+    def gpu_plan(self) -> bool:
+        return self.device == "cuda" or self.rehearse
 
     def resolved(self) -> "BenchOptions":
         s = SHAPES[self.shape]
-        return BenchOptions(self.shape, tuple(self.vs), self.reps or s.reps, self.tokens or s.tokens,
-                            self.threads or os.cpu_count() or 1, self.encoder_precision, Path(self.out))
+        gpu = self.device == "cuda" or self.rehearse
+        reps = self.reps or (GPU_REPS if gpu else s.reps)
+        tokens = self.tokens or (GPU_TOKENS if gpu else s.tokens)
+        precision = self.encoder_precision or ("fp16" if gpu else "int8")
+        return BenchOptions(self.shape, tuple(self.vs), reps, tokens, self.threads or os.cpu_count() or 1,
+                            precision, Path(self.out), self.device, self.rehearse)
+
+    def systems(self) -> list[str]:
+        """scops first, then the peers as run (GPU plan: hf -> hf-fp16, hf-nf4)."""
+        names = []
+        for p in self.vs:
+            names += GPU_PEERS[p] if self.gpu_plan else (p,)
+        return ["scops"] + names
 
 
 def describe_machine() -> dict:
@@ -111,30 +133,37 @@ def stage_io(manifest: dict) -> dict:
 
 
 def run_system(system: str, bundle: Path, ckpt: Path, o: BenchOptions, log: Log) -> dict:
-    """python -m scops.bench.peers SYSTEM ... in a fresh process (its own peak RSS)."""
+    """python -m scops.bench.peers SYSTEM ... in a fresh process (its own peak RSS and VRAM)."""
+    from .vram import VramSampler
+
     with tempfile.TemporaryDirectory(prefix="scops-bench-") as tmp:
         out = Path(tmp) / f"{system}.json"
         cmd = [sys.executable, "-m", "scops.bench.peers", system, "--bundle", str(bundle), "--ckpt", str(ckpt),
-               "--reps", str(o.reps), "--tokens", str(o.tokens), "--threads", str(o.threads), "--out", str(out)]
-        log(f"{system}: 1 warm-up + {o.reps} repetitions, {o.tokens} tokens, {o.threads} threads")
+               "--reps", str(o.reps), "--tokens", str(o.tokens), "--threads", str(o.threads),
+               "--device", o.device, "--out", str(out)]
+        log(f"{system}: 1 warm-up + {o.reps} repetitions, {o.tokens} tokens, {o.threads} threads, {o.device}")
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        tail = deque(maxlen=15)
-        for line in proc.stderr:               # streamed: the worker's progress shows as it happens
-            tail.append(line.rstrip())
-            if line.startswith("  ["):          # llama.cpp's loader chatter is dropped
-                log(line.strip())
-        if proc.wait() != 0:
-            raise RuntimeError(f"bench worker {system} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        with VramSampler() as vram:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            tail = deque(maxlen=15)
+            for line in proc.stderr:           # streamed: the worker's progress shows as it happens
+                tail.append(line.rstrip())
+                if line.startswith("  ["):      # llama.cpp's loader chatter is dropped
+                    log(line.strip())
+            rc = proc.wait()
+        if rc != 0:
+            raise RuntimeError(f"bench worker {system} failed (exit {rc}):\n" + "\n".join(tail))
         result = json.loads(out.read_text())
-    log(f"{system}: done in {time.perf_counter() - t0:.0f}s, peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB")
+    result["peak_vram_bytes"] = vram.peak_bytes if o.device == "cuda" else None
+    v = "" if result["peak_vram_bytes"] is None else f", peak VRAM {result['peak_vram_bytes'] / 1e9:.2f} GB"
+    log(f"{system}: done in {time.perf_counter() - t0:.0f}s, peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB{v}")
     return result
 
 
 def summarize(samples: list[dict]) -> dict:
     """p50 / p90 of each timed key (ms) and mean +- std of decode tokens/s."""
     out = {}
-    for k in [k for k in STAGES + ("ttft", "turn2_ttft") if k in samples[0]]:
+    for k in [k for k in STAGES + ("ttft", "turn2_ttft", "answer") if k in samples[0]]:
         v = np.array([s[k] for s in samples], np.float64)
         out[k] = {"p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90))}
     tok = np.array([s["decode_tok_s"] for s in samples], np.float64)
@@ -160,9 +189,32 @@ def compute_ratios(stats: dict, rss: dict, bound_tok_s: float) -> dict:
     }
 
 
+def compute_gpu_ratios(stats: dict, vram: dict) -> dict:
+    """The GPU targets' figures: scops' own TTFT, decode rate and VRAM, and 'times better'."""
+    sc = stats["scops"]
+
+    def ratio(a, b):
+        return float(a / b) if a is not None and b else None
+
+    def answer(system):
+        return stats[system]["answer"]["p50"] if system in stats else None
+    lc = stats.get("llama-cpp")
+    peak = vram.get("scops")
+    return {
+        "ttft_ms": sc["ttft"]["p50"],
+        "decode_tok_s": sc["decode_tok_s"]["mean"],
+        "decode_vs_llama_cpp": ratio(sc["decode_tok_s"]["mean"], lc and lc["decode_tok_s"]["mean"]),
+        "vs_hf_fp16": ratio(answer("hf-fp16"), sc["answer"]["p50"]),
+        "vs_hf_nf4": ratio(answer("hf-nf4"), sc["answer"]["p50"]),
+        "vram_peak_gb": peak / 1e9 if peak is not None else None,
+    }
+
+
 def run_bench(o: BenchOptions, log: Log) -> dict:
     o = o.resolved()
     shape = SHAPES[o.shape]
+    if o.gpu_plan:
+        return run_gpu_bench(o, log)
     vs = [p for p in o.vs if p in PEERS]
     if "hf" in vs and not shape.hf_fits:
         log(f"hf: skipped ({o.shape} in fp32 does not fit this machine's RAM)")
@@ -191,4 +243,50 @@ def run_bench(o: BenchOptions, log: Log) -> dict:
         "prompt_cells": {s: r["samples"][0].get("prompt_cells") for s, r in raw.items()},
         "samples": {s: r["samples"] for s, r in raw.items()},
         "ratios": compute_ratios(stats, rss, bound), "wall_s": time.perf_counter() - t0,
+    }
+
+
+def run_gpu_bench(o: BenchOptions, log: Log) -> dict:
+    """The GPU plan: scops on CUDA beside HF fp16 eager, HF NF4 and raw llama-cpp-python CUDA.
+
+    With o.rehearse (o.device == "cpu") the same systems, keys and report run on the CPU: a
+    dry run of the GPU session's call, whose figures are CPU figures and say so.
+    """
+    from scops.runtime import gpu
+
+    from .vram import gpu_info
+
+    if o.device == "cuda" and not gpu.cuda_devices():
+        raise RuntimeError("--device cuda: no NVIDIA GPU is visible to the driver")
+    t0 = time.perf_counter()
+    ckpt, bundle = ensure_bundle(SHAPES[o.shape], o.encoder_precision, log)
+    build_s = time.perf_counter() - t0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    machine = describe_machine()
+    info = gpu_info() if o.device == "cuda" else None
+    machine.update(info or {"gpu": None})
+    raw, skipped = {}, {}
+    for system in o.systems():
+        try:
+            raw[system] = run_system(system, bundle, ckpt, o, log)
+        except RuntimeError as e:
+            if system == "scops":
+                raise
+            skipped[system] = str(e).splitlines()[-1][:300]
+            log(f"{system}: not measured ({skipped[system]})")
+    stats = {s: summarize(r["samples"]) for s, r in raw.items()}
+    rss = {s: r["peak_rss_bytes"] for s, r in raw.items()}
+    vram = {s: r["peak_vram_bytes"] for s, r in raw.items()}
+    name = gpu.slug(machine["gpu"]) if machine.get("gpu") else "cpu-rehearsal"
+    return {
+        "shape": o.shape, "device": o.device, "rehearsal": o.device != "cuda",
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o).items()},
+        "machine": machine, "bundle": str(bundle), "checkpoint": str(ckpt), "build_or_reuse_s": build_s,
+        "encoder_precision": manifest.get("encoder_precision", {"precision": "fp32"}),
+        "llm": manifest["llm"], "stage_io": stage_io(manifest), "stats": stats, "peak_rss_bytes": rss,
+        "peak_vram_bytes": vram, "not_measured": skipped,
+        "prompt_cells": {s: r["samples"][0].get("prompt_cells") for s, r in raw.items()},
+        "samples": {s: r["samples"] for s, r in raw.items()},
+        "ratios": compute_gpu_ratios(stats, vram), "wall_s": time.perf_counter() - t0,
+        "results_dir": f"bench/results/{name}_{o.shape}",
     }

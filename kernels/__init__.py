@@ -28,7 +28,8 @@ import numpy as np
 
 from . import reference
 
-__all__ = ["ProjectorSpec", "Projector", "KernelError", "load_library", "native_info", "cuda_available"]
+__all__ = ["ProjectorSpec", "Projector", "KernelError", "PinnedBuffer", "load_library", "native_info",
+           "cuda_available"]
 
 _LOG = logging.getLogger("scops")
 _ABI = 1  # SCOPS_PROJECTOR_ABI in projector.h
@@ -80,6 +81,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "scops_projector_backend_name": (ctypes.c_char_p, [VP]),
         "scops_cpu_features": (ctypes.c_char_p, []),
         "scops_cuda_available": (ctypes.c_int32, []),
+        "scops_host_alloc": (ctypes.c_int32, [I64, ctypes.POINTER(VP)]),
+        "scops_host_free": (None, [VP]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -198,6 +201,48 @@ def _check_weights(spec: ProjectorSpec, weights: dict) -> dict:
     if spec.hidden_dim and out["fc1.weight"].dtype != out["fc2.weight"].dtype:
         raise KernelError("fc1.weight and fc2.weight must share one dtype")
     return out
+
+
+class PinnedBuffer:
+    """float32 [n] in page-locked host memory (cudaHostAlloc via the CUDA kernels library).
+
+    The runtime hands it to llama.cpp as llama_batch.embd when the projector runs on CUDA,
+    so the projector's copy out of the GPU is one DMA. `array` is valid until close().
+    """
+
+    def __init__(self, lib: ctypes.CDLL, ptr: int, n: int):
+        self._lib, self._ptr, self.n = lib, ptr, n
+        self.array = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n,))
+
+    @property
+    def address(self) -> int:
+        return self._ptr
+
+    @classmethod
+    def allocate(cls, n: int) -> "PinnedBuffer":
+        """KernelError when the CUDA library or a device is missing, or the allocation fails."""
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
+            raise KernelError(f"pinned buffer size must be a positive int, got {n!r}")
+        lib, where = load_library(cuda=True)
+        if lib is None:
+            raise KernelError(f"pinned memory needs the CUDA kernels library: {where}")
+        ptr = ctypes.c_void_p()
+        status = lib.scops_host_alloc(int(n) * 4, ctypes.byref(ptr))
+        if status != 0:
+            raise _status_error(lib, status, "scops_host_alloc")
+        return cls(lib, ptr.value, int(n))
+
+    def close(self) -> None:
+        ptr, self._ptr = self._ptr, None
+        self.array = None
+        if ptr:
+            self._lib.scops_host_free(ptr)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 class Projector:

@@ -100,6 +100,13 @@ SCOPS_API scops_status scops_projector_forward_device(scops_projector* h, const 
 
 SCOPS_API void scops_projector_destroy(scops_projector* h); /* NULL is a no-op */
 
+/* Page-locked (pinned) host memory, for the buffer llama.cpp reads image rows from
+ * (llama_batch.embd): the CUDA backend's forward copies its result there by one DMA
+ * instead of staging it through the driver's bounce buffer.  bytes > 0.
+ * SCOPS_E_UNSUPPORTED in the CPU-only library or without a CUDA device. */
+SCOPS_API scops_status scops_host_alloc(int64_t bytes, void** out);
+SCOPS_API void scops_host_free(void* p); /* NULL is a no-op */
+
 SCOPS_API const char* scops_status_string(int32_t status); /* never NULL */
 /* "cpu-avx2" | "cpu-scalar" | "cuda"; "invalid" for NULL. */
 SCOPS_API const char* scops_projector_backend_name(const scops_projector* h);

@@ -133,6 +133,18 @@ scops_status scops_projector_forward_device(scops_projector* h, const float* x_d
 
 void scops_projector_destroy(scops_projector* h) { delete h; }
 
+scops_status scops_host_alloc(int64_t bytes, void** out) {
+    if (!out) return SCOPS_E_INVALID_ARG;
+    *out = nullptr;
+    if (bytes <= 0 || bytes > (int64_t(1) << 40)) return SCOPS_E_INVALID_ARG;
+    if (scops::cuda_device_count() <= 0) return SCOPS_E_UNSUPPORTED;
+    return scops::cuda_host_alloc(size_t(bytes), out);
+}
+
+void scops_host_free(void* p) {
+    if (p) scops::cuda_host_free(p);
+}
+
 const char* scops_status_string(int32_t status) {
     switch (status) {
         case SCOPS_OK: return "ok";
@@ -165,5 +177,10 @@ scops_status create_cuda_projector(const Spec&, scops_projector** out) {
     return SCOPS_E_UNSUPPORTED;
 }
 int cuda_device_count() { return 0; }
+scops_status cuda_host_alloc(size_t, void** out) {
+    *out = nullptr;
+    return SCOPS_E_UNSUPPORTED;
+}
+void cuda_host_free(void*) {}
 }  // namespace scops
 #endif

@@ -9,7 +9,9 @@
 //     GELU epilogue fused (linear_tiled).  cuBLAS(Lt) is not in this toolchain; a
 //     cuBLASLt path would be the next step for large batches.
 // LayerNorm and L2-normalise are one block per row.  forward() takes host pointers and
-// copies in/out on the projector's stream; forward_device() takes device pointers.
+// copies in/out on the projector's stream (into pinned memory from scops_host_alloc -- the
+// runtime's llama_batch.embd on CUDA -- the copy out is one DMA); forward_device() takes
+// device pointers.
 // Build: libscops_kernels_cuda.so (kernels/CMakeLists.txt; SASS 80/86/89/90 + PTX 90).
 // Twins: kernels/reference.py (numpy), projector_cpu.cpp (CPU).
 #include <cuda_fp16.h>
@@ -357,6 +359,20 @@ int cuda_device_count() {
     }
     return n;
 }
+
+// Pinned host memory: cudaMemcpyAsync into it is a direct DMA (pageable memory goes through
+// the driver's staging buffer). Portable: pinned for every device and context.
+scops_status cuda_host_alloc(size_t bytes, void** out) {
+    *out = nullptr;
+    if (cudaHostAlloc(out, bytes, cudaHostAllocPortable) != cudaSuccess) {
+        cudaGetLastError();
+        *out = nullptr;
+        return SCOPS_E_NO_MEMORY;
+    }
+    return SCOPS_OK;
+}
+
+void cuda_host_free(void* p) { cudaFreeHost(p); }
 
 scops_status create_cuda_projector(const Spec& s, scops_projector** out) {
     *out = nullptr;

@@ -41,6 +41,8 @@ struct Spec {
 scops_status create_cpu_projector(const Spec& s, bool force_scalar, scops_projector** out);
 scops_status create_cuda_projector(const Spec& s, scops_projector** out);
 int cuda_device_count();
+scops_status cuda_host_alloc(size_t bytes, void** out);
+void cuda_host_free(void* p);
 bool cpu_has_avx2();
 
 }  // namespace scops

@@ -21,7 +21,7 @@ GIBBERISH_NOTE = "(the demo model has random weights: its answer is gibberish by
 def _session(args):
     from .session import Session
     return Session.open(args.bundle, n_ctx=args.n_ctx, threads=args.threads, verify=not args.no_verify,
-                        kv_type=args.kv_type)
+                        kv_type=args.kv_type, device=args.device, n_gpu_layers=args.n_gpu_layers)
 
 
 def _sampling(args) -> dict:
@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=0)
         p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
         add_kv_type(p)
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="auto: the NVIDIA GPU when one is there (onnxruntime-gpu, llama.cpp built with CUDA)")
+        p.add_argument("--n-gpu-layers", type=int, default=None,
+                       help="LLM layers on the GPU (default: all of them when there is a GPU; 0: none)")
 
     def sampling_args(p, max_tokens=256, temperature=0.8):
         p.add_argument("--max-tokens", type=int, default=max_tokens)

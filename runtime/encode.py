@@ -1,5 +1,8 @@
 """The encoder stages of a modality, run by onnxruntime (TensorRT -> CUDA -> CPU).
 
+Providers are chosen once per session (pick_providers); each graph gets its own options
+(provider_config: the TensorRT engine cache is keyed by the graph's sha256 and the GPU).
+
 A modality's manifest stages run in order up to the projector; the projector itself
 runs at splice time, straight into llama.cpp's batch memory (see project.py).
 """
@@ -16,24 +19,64 @@ from .errors import BundleError
 
 log = logging.getLogger("scops")
 
-_PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+PREFERRED = (TRT, CUDA, CPU)
+GPU_PROVIDERS = (TRT, CUDA)
 
 
-def pick_providers(requested=None, cache_dir: Path | None = None) -> list:
-    """The providers to use, best first, with a TensorRT engine cache on disk."""
+def pick_providers(requested=None) -> tuple[str, ...]:
+    """The onnxruntime providers to ask for, best first; CPU is always the last resort.
+
+    TensorRT only when onnxruntime was built with it and TensorRT's libraries load; CUDA and
+    TensorRT only when the driver sees a GPU (an onnxruntime-gpu install on a CPU machine
+    quietly stays on the CPU).
+    """
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    names = [p for p in (requested or _PREFERRED) if p in available] or ["CPUExecutionProvider"]
+    from . import gpu
+
+    available = set(ort.get_available_providers())
+    names = []
+    for name in requested or PREFERRED:
+        if name not in available or name in names:
+            continue
+        if name in GPU_PROVIDERS and not gpu.cuda_devices():
+            continue
+        if name == TRT and not gpu.tensorrt_available():
+            continue
+        names.append(name)
+    if CPU not in names:
+        names.append(CPU)
+    if CUDA in names or TRT in names:
+        gpu.preload_cuda_libraries()
+    return tuple(names)
+
+
+def provider_config(names, sha256: str, cache_root: Path | None) -> list:
+    """onnxruntime's providers argument for one graph: TensorRT engines cached on disk under a
+    key of the graph's content hash and the GPU's name (an engine is built for one GPU model)."""
+    from . import gpu
+
     out = []
     for name in names:
-        if name == "TensorrtExecutionProvider" and cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            out.append((name, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
-                               "trt_fp16_enable": True}))
+        if name == TRT:
+            gpus = gpu.cuda_devices()
+            key = f"{sha256[:16]}-{gpu.slug(gpus[0] if gpus else 'none')}"
+            cache = Path(cache_root or Path.home() / ".cache" / "scops") / "trt" / key
+            cache.mkdir(parents=True, exist_ok=True)
+            out.append((name, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}))
+        elif name == CUDA:
+            # kSameAsRequested: the arena grows by what a run needs, not to the next power of
+            # two (peak VRAM is a target of its own on 8 GB cards)
+            out.append((name, {"device_id": 0, "arena_extend_strategy": "kSameAsRequested"}))
         else:
             out.append(name)
     return out
+
+
+def short(provider: str) -> str:
+    return provider.replace("ExecutionProvider", "")
 
 
 def _session_options(threads: int):
@@ -48,14 +91,13 @@ def _session_options(threads: int):
 
 
 class OnnxStage:
-    def __init__(self, path: Path, record: dict, declared: dict, providers: list, threads: int):
-        import onnxruntime as ort
+    """One ONNX graph. On a GPU provider, a failure (at load or at run) falls back to the CPU
+    provider for this graph, with a warning that says why."""
 
-        try:
-            self.sess = ort.InferenceSession(str(path), _session_options(threads), providers=providers)
-        except Exception as e:
-            raise BundleError(f"{path.name}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
-        self.name = path.name
+    def __init__(self, path: Path, record: dict, declared: dict, providers, threads: int,
+                 sha256: str = "", cache_root: Path | None = None):
+        self.path, self.name, self.threads = path, path.name, threads
+        self.sess = self._open(tuple(providers), sha256, cache_root)
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.shape = self.sess.get_inputs()[0].shape          # first input, symbolic dims as str
         self.output = record["output"]
@@ -74,6 +116,26 @@ class OnnxStage:
                     [d if isinstance(d, int) else None for d in i.shape]:
                 raise BundleError(f"{path.name}: input {i.name} shape {i.shape} differs from the manifest {decl}")
 
+    def _open(self, providers: tuple, sha256: str, cache_root):
+        import onnxruntime as ort
+
+        config = provider_config(providers, sha256, cache_root)
+        try:
+            sess = ort.InferenceSession(str(self.path), _session_options(self.threads), providers=config)
+        except Exception as e:
+            if providers == (CPU,):
+                raise BundleError(f"{self.name}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+            log.warning("%s: %s failed to load it (%s); using the CPU instead", self.name,
+                        "/".join(short(p) for p in providers if p != CPU), str(e).splitlines()[0])
+            return self._open((CPU,), sha256, cache_root)
+        used = sess.get_providers()
+        wanted = [p for p in providers if p != CPU]
+        if wanted and used[0] == CPU:       # onnxruntime's own silent fallback (missing CUDA libraries)
+            log.warning("%s: onnxruntime could not start %s (missing CUDA/cuDNN libraries?); "
+                        "running on the CPU", self.name, "/".join(short(p) for p in wanted))
+        self.backend = used[0]
+        return sess
+
     def needs(self) -> set:
         return set(self.feeds.values())
 
@@ -81,10 +143,21 @@ class OnnxStage:
         feeds = {name: ctx[key] for name, key in self.feeds.items()}
         n = next(iter(feeds.values())).shape[0]
         if not self.max_batch or n <= self.max_batch or len(feeds) != 1:
-            return self.sess.run(None, feeds)[0]
+            return self._run(feeds)
         (name, x), = feeds.items()
-        parts = [self.sess.run(None, {name: x[i:i + self.max_batch]})[0] for i in range(0, n, self.max_batch)]
+        parts = [self._run({name: x[i:i + self.max_batch]}) for i in range(0, n, self.max_batch)]
         return np.concatenate(parts, axis=0)
+
+    def _run(self, feed: dict) -> np.ndarray:
+        try:
+            return self.sess.run(None, feed)[0]
+        except Exception as e:
+            if self.backend == CPU:
+                raise
+            log.warning("%s: %s failed while running (%s); falling back to the CPU for this graph",
+                        self.name, short(self.backend), str(e).splitlines()[0])
+            self.sess = self._open((CPU,), "", None)
+            return self.sess.run(None, feed)[0]
 
 
 INSTRUCTION_KEYS = {"instruction_ids", "instruction_mask"}
@@ -120,10 +193,11 @@ class ArrayOp:
         return np.take(x, [self.index], axis=self.axis).squeeze(self.axis)  # "select"
 
 
-def make_stage(bundle: Bundle, record: dict, providers: list, threads: int):
+def make_stage(bundle: Bundle, record: dict, providers, threads: int, cache_root: Path | None = None):
     if record["op"] == "onnx":
         declared = bundle.manifest["files"][record["file"]]
-        return OnnxStage(bundle.file(record["file"]), record, declared, providers, threads)
+        return OnnxStage(bundle.file(record["file"]), record, declared, providers, threads,
+                         declared.get("sha256", ""), cache_root)
     if record["op"] in ("l2norm", "mean_over_clips", "select", "group_tokens"):
         return ArrayOp(record)
     raise BundleError(f"{bundle.path}: stage op {record['op']!r} is not served by this scops version")
@@ -136,7 +210,7 @@ class ModalityEncoder:
     ViT output of InstructBLIP); the rest reruns per instruction.
     """
 
-    def __init__(self, bundle: Bundle, modality: str, providers: list, threads: int):
+    def __init__(self, bundle: Bundle, modality: str, providers, threads: int, cache_root: Path | None = None):
         spec = bundle.modalities[modality]
         self.modality = modality
         self.rows = int(spec["rows"])
@@ -144,7 +218,7 @@ class ModalityEncoder:
         for st in spec["stages"]:
             if st["op"] == "projector":
                 break
-            stages.append(make_stage(bundle, st, providers, threads))
+            stages.append(make_stage(bundle, st, providers, threads, cache_root))
         if not stages or not isinstance(stages[0], OnnxStage):
             raise BundleError(f"{bundle.path}: modality {modality} must start with an onnx stage")
         self.input_key = next(iter(stages[0].feeds.values()))

@@ -110,8 +110,19 @@ class Llm:
         self._emb_batch = L.llama_batch_init(self.n_batch, self.n_embd, 1)
         # [n_batch * n_embd] float32 view of the embd batch: the projector writes here
         self._embd = np.ctypeslib.as_array(self._emb_batch.embd, shape=(self.n_batch * self.n_embd,))
+        self._embd_own = self._emb_batch.embd          # llama_batch_free frees this one
         self.cells: list = []
         self._piece_buf = ctypes.create_string_buffer(256)
+
+    def set_embd_buffer(self, buf: np.ndarray) -> None:
+        """Read media rows from `buf` (float32, n_batch * n_embd, caller-owned, alive until
+        close()): the CUDA projector's pinned memory, which it fills by one DMA. llama.cpp
+        copies llama_batch.embd on the host before uploading it (llama_batch.embd is host
+        memory in the C API), so this is as close to the GPU as the rows can be handed over."""
+        if buf.dtype != np.float32 or buf.shape != (self.n_batch * self.n_embd,) or not buf.flags.c_contiguous:
+            raise ValueError(f"embd buffer must be float32 [{self.n_batch * self.n_embd}], got {buf.dtype} {buf.shape}")
+        self._emb_batch.embd = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        self._embd = buf
 
     # ---- vocabulary -------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
@@ -260,6 +271,7 @@ class Llm:
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
+            self._emb_batch.embd = self._embd_own
             self.L.llama_batch_free(self._tok_batch)
             self.L.llama_batch_free(self._emb_batch)
             self.L.llama_free(self.ctx)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, open_bundle
-from .encode import ModalityEncoder, pick_providers
+from . import gpu
+from .encode import CPU, ModalityEncoder, pick_providers, short
 from .errors import BundleError, OptionError, UnsupportedModality
 from .instruction import InstructionTokenizer
 from .llm import Llm, LlmOptions
@@ -40,7 +42,8 @@ class SessionOptions:
     n_ctx: int = 2048
     n_batch: int = 512
     threads: int = 0                 # 0: one per core
-    n_gpu_layers: int = 0
+    device: str = "auto"             # auto: the GPU when one is there | cpu | cuda (a GPU is required)
+    n_gpu_layers: int | None = None  # None: every layer when llama.cpp has a GPU backend and device allows
     # KV cache precision. "auto": an F32 bundle gets "f32" with flash attention off (its
     # greedy tokens then follow PyTorch fp32 exactly; f16 K/V drift after a dozen tokens),
     # every other bundle "f16" (half the memory).
@@ -76,24 +79,30 @@ class Session:
         self.bundle = bundle
         self.opts = opts
         self.stats = Stats()
-        cache_dir = Path.home() / ".cache" / "scops" / "trt"
-        self.providers = pick_providers(opts.providers, cache_dir)
-        self.encoders = {m: ModalityEncoder(bundle, m, self.providers, opts.threads) for m in bundle.modalities}
+        if opts.device not in ("auto", "cpu", "cuda"):
+            raise OptionError(f"device must be auto, cpu or cuda, not {opts.device!r}")
+        gpus = gpu.cuda_devices() if opts.device != "cpu" else ()
+        if opts.device == "cuda" and not gpus:
+            raise BundleError("--device cuda: no NVIDIA GPU is visible (no driver, or CUDA_VISIBLE_DEVICES hides it)")
+        cache_root = Path(os.environ.get("SCOPS_CACHE") or Path.home() / ".cache" / "scops")
+        self.providers = pick_providers((CPU,) if opts.device == "cpu" else opts.providers)
+        self.encoders = {m: ModalityEncoder(bundle, m, self.providers, opts.threads, cache_root)
+                         for m in bundle.modalities}
         self.projectors = {}
+        proj_backend = "cpu" if opts.device == "cpu" and opts.projector_backend == "auto" else opts.projector_backend
         loaded: dict = {}              # modalities sharing one projector file share one Projector
         for m in bundle.modalities:
             stage = projector_stage(bundle, m)
             key = json.dumps(stage, sort_keys=True)
             if key not in loaded:
-                loaded[key] = load_projector(bundle, stage, opts.projector_backend, opts.threads)
+                loaded[key] = load_projector(bundle, stage, proj_backend, opts.threads)
             self.projectors[m] = loaded[key]
-        kv_type, flash_attn = resolve_kv(opts, bundle.manifest["llm"]["quant"])
-        self.llm = Llm(str(bundle.llm_path), LlmOptions(opts.n_ctx, opts.n_batch, opts.threads, opts.n_gpu_layers,
-                                                               kv_type, flash_attn))
+        self.llm = self._open_llm(bool(gpus))
         if self.llm.n_embd != int(bundle.manifest["llm"]["n_embd"]):
             msg = f"{bundle.llm_path.name}: n_embd {self.llm.n_embd} != manifest {bundle.manifest['llm']['n_embd']}"
             self.llm.close()
             raise BundleError(msg)
+        self._pinned = self._pin_embd()
         self._media: OrderedDict = OrderedDict()     # key -> (modality, bridge rows [Q, D])
         self.facts: OrderedDict = OrderedDict()      # key -> what decoding learnt (size, duration, source)
         # input key -> instruction-free stage outputs (kept only where a Q-Former reads the question)
@@ -101,12 +110,63 @@ class Session:
         instr = bundle.modalities.get("image", {}).get("instruction")
         self.instruction_tok = InstructionTokenizer(bundle, instr) if instr else None
         self.active = None                           # the Reply generating now, if any
-        names = [p if isinstance(p, str) else p[0] for p in self.providers]
-        log.info("backends: onnxruntime %s; projector %s; llama.cpp %d threads, n_ctx %d",
-                 "/".join(n.replace("ExecutionProvider", "") for n in names),
-                 ",".join(sorted({p.backend for p in self.projectors.values()})), self.llm.threads, self.llm.n_ctx)
+        log.info("backends: %s", self.describe_backends())
         if opts.warmup:
             self._warmup()
+
+    def _open_llm(self, have_gpu: bool) -> Llm:
+        """All layers on the GPU when llama.cpp was built with one and a GPU is there; a GPU
+        load that fails (out of memory, a broken driver) falls back to the CPU with a warning."""
+        import llama_cpp
+
+        o = self.opts
+        layers = o.n_gpu_layers
+        if layers is None:
+            layers = -1 if have_gpu and llama_cpp.llama_supports_gpu_offload() else 0
+        if layers != 0:
+            gpu.preload_cuda_libraries()
+        args = (o.n_ctx, o.n_batch, o.threads)
+        kv_type, flash_attn = resolve_kv(o, self.bundle.manifest["llm"]["quant"])
+        try:
+            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, layers, kv_type, flash_attn))
+        except BundleError as e:
+            if layers == 0:
+                raise
+            log.warning("llama.cpp could not load the model onto the GPU (%s); loading it on the CPU", e)
+            layers = 0
+            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, 0, kv_type, flash_attn))
+        llm.gpu_layers = layers
+        return llm
+
+    def _pin_embd(self):
+        """With a CUDA projector, llama_batch.embd lives in pinned memory (one DMA per splice)."""
+        if not any(p.backend == "cuda" for p in self.projectors.values()):
+            return None
+        from scops.kernels import KernelError, PinnedBuffer
+        try:
+            buf = PinnedBuffer.allocate(self.llm.n_batch * self.llm.n_embd)
+        except KernelError as e:
+            log.warning("pinned memory for the projector's output unavailable (%s); using pageable memory", e)
+            return None
+        self.llm.set_embd_buffer(buf.array)
+        return buf
+
+    def describe_backends(self) -> str:
+        """One line naming every backend in use: each graph's provider, the projector, llama.cpp."""
+        graphs = ", ".join(f"{st.name} {short(st.backend)}" for enc in self.encoders.values()
+                           for st in enc.base + enc.rest if hasattr(st, "backend"))
+        proj = ",".join(sorted({p.backend for p in self.projectors.values()}))
+        if self._pinned is not None:
+            proj += " (pinned embd)"
+        n_layer = self.llm.L.llama_model_n_layer(self.llm.model)
+        if self.llm.gpu_layers != 0:
+            devs = gpu.llama_devices()
+            where = ", ".join(f"{n} {d}" for n, d in devs) or "GPU"
+            on = n_layer if self.llm.gpu_layers < 0 else min(self.llm.gpu_layers, n_layer)
+            llm = f"llama.cpp {where}: {on}/{n_layer} layers offloaded"
+        else:
+            llm = f"llama.cpp CPU, {self.llm.threads} threads"
+        return f"onnxruntime {graphs}; projector {proj}; {llm}; n_ctx {self.llm.n_ctx}"
 
     @classmethod
     def open(cls, path, **options) -> "Session":
@@ -193,6 +253,9 @@ class Session:
         for p in {id(p): p for p in self.projectors.values()}.values():
             p.close()
         self.llm.close()
+        if getattr(self, "_pinned", None) is not None:   # after llama.cpp let go of it
+            self._pinned.close()
+            self._pinned = None
 
     def __enter__(self):
         return self
