@@ -9,7 +9,8 @@
 #   env: CUDA_ARCHS        CMake CUDA architectures (default 90-real: Hopper, the H100/H200)
 #        LLAMA_VERSION     llama-cpp-python release (default 0.3.36, the project's pin)
 #        LLAMA_CMAKE_ARGS  the CPU build's arguments (the Makefile passes its own)
-#        LLAMA_SDIST       a local sdist to build from (default: pip download it)
+#        LLAMA_SDIST       a local sdist (or its unpacked folder) to build from (default: pip download it)
+#        NO_ISOLATION=1    build with the interpreter's own scikit-build-core (a machine with no registry)
 #        JOBS              parallel compile jobs (default: nproc)
 #
 # Prints the wheel's path on the last line. A wheel built before with the same version and
@@ -96,6 +97,7 @@ rm -f "$OUT"/llama_cpp_python-*.whl "$OUT/archs"
 # --no-cache-dir: pip's wheel cache is keyed by the sdist, not by CMAKE_ARGS, and would
 # hand back the CPU wheel. build-dir: kept, so a second run recompiles only what changed.
 CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL=$JOBS "$PY" -m pip wheel --no-deps --no-cache-dir \
+  ${NO_ISOLATION:+--no-build-isolation --no-index} \
   --config-settings=build-dir="$OUT/build" -w "$OUT" "$sdist" >&2
 echo "$CUDA_ARCHS" > "$OUT/archs"
 wheel=$(ls "$OUT"/llama_cpp_python-"$LLAMA_VERSION"-*.whl)

@@ -95,6 +95,41 @@ def fp16_overflow_nodes(src: Path, feeds: list[dict]) -> list[str]:
     return [node.name for node in model.graph.node if hot & (set(node.output) | set(node.input))]
 
 
+def _skip_fp16_round_trips(model) -> int:
+    """Turn fp32 -> fp16 -> fp32 cast pairs into fp32 -> fp32 (no-ops onnxruntime removes).
+
+    The converter keeps a blocked node's arithmetic in fp32 but still stores the tensor
+    between two blocked nodes as fp16 (Cast down, Cast up): a value beyond 65504 overflows
+    there all the same. Where every consumer of an fp16 cast casts straight back to fp32,
+    the tensor stays fp32. Returns the number of round trips removed.
+    """
+    import onnx
+
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input)}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def cast_to(n):
+        return next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
+    fixed = 0
+    for n in g.node:
+        mid = n.output[0] if n.output else None
+        if cast_to(n) != onnx.TensorProto.FLOAT16 or types.get(n.input[0]) != onnx.TensorProto.FLOAT \
+                or mid in outputs or not consumers.get(mid):
+            continue
+        if all(cast_to(c) == onnx.TensorProto.FLOAT for c in consumers[mid]):
+            next(a for a in n.attribute if a.name == "to").i = onnx.TensorProto.FLOAT
+            for v in g.value_info:
+                if v.name == mid:
+                    v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+            fixed += 1
+    return fixed
+
+
 def convert_fp16(src: Path, dst: Path, keep_nodes: list[str] | None = None) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -102,6 +137,7 @@ def convert_fp16(src: Path, dst: Path, keep_nodes: list[str] | None = None) -> N
     model = onnx.load(str(src))
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32,
                                      node_block_list=keep_nodes or [])
+    _skip_fp16_round_trips(model)
     if model.ByteSize() > EXTERNAL_DATA_BYTES:
         onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=dst.name + ".data")
