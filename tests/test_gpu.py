@@ -122,6 +122,22 @@ def test_cpu_machine_answers(bundle):
     assert "pinned" not in line and s.llm.gpu_layers == 0
 
 
+def test_cuda_kernels_compile_where_nvcc_is():
+    """CI's machine has nvcc: the CUDA projector library must build there (and load without a GPU)."""
+    import shutil
+
+    cpu, _ = load_library(cuda=False)
+    cu, where = load_library(cuda=True)
+    if not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()):
+        pytest.skip("no nvcc on this machine")
+    assert cu is not None, where
+    assert cu.scops_cuda_available() == len(gpu.cuda_devices())
+    import ctypes
+    ptr = ctypes.c_void_p()
+    assert cpu.scops_host_alloc(1024, ctypes.byref(ptr)) == 3 and not ptr.value    # SCOPS_E_UNSUPPORTED
+    assert cu.scops_host_alloc(0, ctypes.byref(ptr)) == 1                            # invalid size
+
+
 # -- fp16 encoders (CPU) ------------------------------------------------------------------------------
 def _overflow_graph(path: Path) -> Path:
     """y = ((x * 3e4) * 4 + 1) * 1e-5: the middle values pass fp16's 65504, the ends do not."""
