@@ -14,9 +14,10 @@
 #   bench                    wait for the bundle, then scops bench --device cuda --shape minigpt4-7b
 #                            --vs hf,llama-cpp -> $OUT/report.md, report.json, latency.png, bench.log
 # Here, on the CPU:
-#   rehearse [OUT]           the same steps up to where a GPU is needed: the kit's pieces are
-#                            joined, checked and unpacked (if .gpukit exists), pytest -m gpu runs
-#                            (and skips), and the GPU bench plan runs on the CPU (tiny shape)
+#   rehearse [KITDIR]        the device calls of a kit made for this machine's Python, in order,
+#                            against a scratch $KIT: pieces checked and joined, payloads unpacked,
+#                            the (tiny) bundle built in the background, pytest -m gpu (skips
+#                            here), and the GPU bench plan with --rehearse (CPU figures)
 #
 # State lives in $KIT (default /tmp/scops-kit) while the machine is warm; every step can be
 # repeated (finished work is kept). Python: $PY (default python3).
@@ -112,28 +113,29 @@ setup)
   fi
   if [ "$name" = base ]; then
     scops_src
-    if [ -d "$KIT/base/llama-src" ] && ! ls "$KIT/base/site/llama_cpp/lib/"libggml-cuda.so >/dev/null 2>&1; then
-      say "building llama-cpp-python with CUDA here (sm_90)"
-      load_env
-      NO_ISOLATION=1 CUDA_ARCHS=90-real LLAMA_SDIST="$KIT/base/llama-src" bash "$REPO/bench/gpu_build_llama.sh" \
-        "$PY" "$KIT/llama-wheel" > "$KIT/logs/llama-build.log" 2>&1
-      "$PY" -m pip install -q --no-deps --no-index --target "$KIT/base/site" "$KIT"/llama-wheel/*.whl
+    if [ -d "$KIT/base/llama-src" ] && [ ! -f "$KIT/logs/llama.done" ]; then
+      say "llama.cpp comes as source: start-build compiles it (sm_90, $(nproc) jobs) before the bundle"
     fi
   fi
   load_env
-  "$PY" - <<'EOF'
+  # smoke tests: their failure is reported, not fatal (the later steps say what it costs)
+  "$PY" - <<'EOF' || say "SMOKE TEST FAILED (above): the steps that need this part will fail too"
 from scops.runtime import gpu
 print("GPUs (driver):", gpu.cuda_devices())
 print("preloaded:", len(gpu.preload_cuda_libraries()), "CUDA libraries from pip packages")
-import llama_cpp
-print("llama.cpp GPU offload:", bool(llama_cpp.llama_supports_gpu_offload()), gpu.llama_devices())
 from scops.kernels import native_info
 print("scops kernels:", native_info())
 import onnxruntime as ort
 print("onnxruntime", ort.__version__, ort.get_available_providers(), "TensorRT libs:", gpu.tensorrt_available())
+import importlib.util
+if importlib.util.find_spec("llama_cpp") is None:
+    print("llama.cpp: not installed yet (start-build compiles it)")
+else:
+    import llama_cpp
+    print("llama.cpp GPU offload:", bool(llama_cpp.llama_supports_gpu_offload()), gpu.llama_devices())
 EOF
   if [ "$name" = ort ]; then
-    "$PY" - <<'EOF'
+    "$PY" - <<'EOF' || say "onnxruntime CUDA EP SMOKE TEST FAILED (above)"
 import numpy as np, onnx, onnxruntime as ort
 from onnx import helper, TensorProto
 x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])
@@ -152,12 +154,38 @@ EOF
 start-build)
   load_env
   if [ -f "$KIT/logs/build.done" ]; then say "bundle already built"; exit 0; fi
-  say "building the $SHAPE bundle in the background (log: $KIT/logs/build.log)"
-  setsid nohup bash -c ". '$KIT/env.sh'; cd '$REPO'; '$PY' -c \"
-import sys
+  say "background: llama.cpp CUDA build if it came as source, then the $SHAPE bundle (log: $KIT/logs/build.log)"
+  cat > "$KIT/build.sh" <<BUILD
+set -e
+. '$KIT/env.sh'
+cd '$REPO'
+if [ -d '$KIT/base/llama-src' ] && [ ! -f '$KIT/logs/llama.done' ]; then
+  # llama.cpp compiles beside the bundle's build (checkpoint, ONNX export, GGUF); only the
+  # bundle's last step, quantization, needs it and waits for it
+  (t0=\$(date +%s)
+   NO_ISOLATION=1 CUDA_ARCHS=90-real JOBS=\$(nproc) LLAMA_SDIST='$KIT/base/llama-src' \
+     bash bench/gpu_build_llama.sh '$PY' '$KIT/llama-wheel' > '$KIT/logs/llama-build.log' 2>&1 &&
+   '$PY' -m pip install -q --no-deps --no-index --target '$KIT/base/site' '$KIT'/llama-wheel/*.whl &&
+   echo "llama.cpp CUDA build: \$(( \$(date +%s) - t0 )) s" && touch '$KIT/logs/llama.done' ||
+   touch '$KIT/logs/llama.failed') &
+fi
+'$PY' -c "
+import os, time
 from scops.bench.shapes import SHAPES, ensure_bundle
+from scops.export import assemble
+quantize = assemble.quantize_gguf
+def after_llama(*a, **k):
+    while os.path.isdir('$KIT/base/llama-src') and not os.path.exists('$KIT/logs/llama.done'):
+        if os.path.exists('$KIT/logs/llama.failed'):
+            raise SystemExit('the llama.cpp CUDA build failed: $KIT/logs/llama-build.log')
+        time.sleep(5)
+    return quantize(*a, **k)
+assemble.quantize_gguf = after_llama
 print(ensure_bundle(SHAPES['$SHAPE'], 'fp16', lambda m: print(m, flush=True)))
-\" && touch '$KIT/logs/build.done' || touch '$KIT/logs/build.failed'" > "$KIT/logs/build.log" 2>&1 < /dev/null &
+"
+BUILD
+  setsid nohup bash -c "bash '$KIT/build.sh' && touch '$KIT/logs/build.done' || touch '$KIT/logs/build.failed'" \
+    > "$KIT/logs/build.log" 2>&1 < /dev/null &
   sleep 2
   tail -3 "$KIT/logs/build.log" || true
   ;;
@@ -168,45 +196,44 @@ status)
 test)
   load_env
   cd "$REPO"
+  while [ -d "$KIT/base/llama-src" ] && [ ! -f "$KIT/logs/llama.done" ] && [ ! -f "$KIT/logs/llama.failed" ]; do
+    sleep 10; say "waiting for the llama.cpp CUDA build: $(tail -1 "$KIT/logs/llama-build.log" 2>/dev/null)"
+  done
   set -o pipefail
   "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log"
   ;;
 bench)
   load_env
   cd "$REPO"
-  while [ ! -f "$KIT/logs/build.done" ] && [ ! -f "$KIT/logs/build.failed" ] && pgrep -f "ensure_bundle" > /dev/null; do
+  while [ ! -f "$KIT/logs/build.done" ] && [ ! -f "$KIT/logs/build.failed" ] && pgrep -f "$KIT/build.sh" > /dev/null; do
     sleep 10; say "waiting for the bundle: $(tail -1 "$KIT/logs/build.log")"
   done
   cp "$KIT/logs/build.log" "$OUT/build.log" 2>/dev/null || true
   set -o pipefail
-  "$PY" -m scops.runtime.cli bench --device cuda --shape "$SHAPE" --vs hf,llama-cpp --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+  extra=()
+  [ -n "${REHEARSE:-}" ] && extra=(--rehearse --reps 1 --tokens 8)      # the CPU rehearsal of this call
+  "$PY" -m scops.runtime.cli bench --device cuda --shape "$SHAPE" --vs hf,llama-cpp "${extra[@]}" --out "$OUT"     2>&1 | tee "$OUT/bench.log"
   say "results: $("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['results_dir'])" "$OUT/report.json")"
   ;;
 rehearse)
-  OUT=${1:-$REPO/gpu-rehearsal-out}
+  # The device calls of a kit made for this machine's Python, run here in order:
+  #   python -m scops.bench.gpukit prepare --kit .gpukit-rehearsal --python 3.11 \
+  #       --llama-wheel <a llama-cpp-python wheel> --ort onnxruntime==<version>
+  kitdir=${1:-$REPO/.gpukit-rehearsal}
+  export KITJSON="$kitdir/kit.json" KIT=${REHEARSE_KIT:-$(mktemp -d)} PY=${PY_REHEARSE:-$REPO/.venv/bin/python}
+  export SHAPE=${REHEARSE_SHAPE:-tiny} REHEARSE=1 OUT=${OUT_REHEARSE:-$REPO/gpu-rehearsal-out}
+  [ -f "$KITJSON" ] || { say "no $KITJSON: make a rehearsal kit first (see the comment above)"; exit 2; }
   mkdir -p "$OUT"
-  PY=${PY_REHEARSE:-$REPO/.venv/bin/python}
-  if [ -f "$KITJSON" ]; then
-    say "rehearsal: joining and checking the kit's pieces in a scratch folder"
-    scratch=$(mktemp -d)
-    for name in base ort; do
-      for d in $("$PY" -c "import json,sys; print(' '.join(p['dir'] for p in json.load(open(sys.argv[1]))['payloads'][sys.argv[2]]['pieces']))" "$KITJSON" "$name"); do
-        KIT=$scratch PY=$PY bash "$0" recv "$d" "$REPO/.gpukit/$d/piece"
-      done
-      read -r n sha < <("$PY" -c "import json,sys; p=json.load(open(sys.argv[1]))['payloads'][sys.argv[2]]; print(len(p['pieces']), p['sha256'])" "$KITJSON" "$name")
-      have=$(cat $(for i in $(seq 1 "$n"); do echo "$scratch/pieces/$name.$i"; done) | sha256sum | cut -d' ' -f1)
-      [ "$have" = "$sha" ] || { say "$name: joined sha256 differs"; exit 3; }
-      cat $(for i in $(seq 1 "$n"); do echo "$scratch/pieces/$name.$i"; done) | "$PY" -c "import sys, tarfile; names = tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').getnames(); print(len(names), 'files;', *[n for n in names if n.endswith(('libggml-cuda.so', 'libonnxruntime_providers_cuda.so', 'libbitsandbytes_cuda130.so', 'libscops_kernels_cuda.so')) or n.endswith('llama-src/CMakeLists.txt')])"
-    done
-    rm -rf "$scratch"
-  else
-    say "rehearsal: no .gpukit here (python -m scops.bench.gpukit prepare makes it); skipping the pieces"
-  fi
-  cd "$REPO"
-  set -o pipefail
-  "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log"
-  "$PY" -m scops.runtime.cli bench --device cuda --rehearse --shape "${REHEARSE_SHAPE:-tiny}" --vs hf,llama-cpp \
-    --reps "${REHEARSE_REPS:-1}" --tokens "${REHEARSE_TOKENS:-8}" --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+  before=$(ls "$REPO"/kernels/*.so 2>/dev/null || true)
+  mapfile -t calls < <(cd "$REPO" && "$PY" -m scops.bench.gpukit calls --kit "$kitdir")
+  rc=0
+  for c in "${calls[@]}"; do
+    say "call: $c"
+    (cd "$REPO" && bash -c "$c") || { rc=$?; say "call failed ($rc): $c"; break; }
+  done
+  [ -z "$before" ] && rm -f "$REPO"/kernels/libscops_kernels*.so    # the device copies them in; here they would shadow the venv's
+  say "rehearsal done (rc $rc): $OUT; state in $KIT"
+  exit $rc
   ;;
 *)
   sed -n 2,27p "$0"

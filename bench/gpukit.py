@@ -36,9 +36,17 @@ import time
 from pathlib import Path
 
 # The device's Python and platform (KINDS.md: Python 3.12.3 on x86-64, glibc of Ubuntu 24.04).
-PY_TAGS = ["--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:"] + [
-    a for n in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
-                "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64") for a in ("--platform", n)]
+DEVICE_PYTHON = "3.12"
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "linux_x86_64")
+
+
+def py_tags(python: str = DEVICE_PYTHON) -> list[str]:
+    return ["--python-version", python, "--implementation", "cp", "--only-binary=:all:"] + [
+        a for n in PLATFORMS for a in ("--platform", n)]
+
+
+PY_TAGS = py_tags()
 # Packages carried as wheels, pinned. transformers at the project's pin needs tokenizers <= 0.23.0
 # and huggingface_hub < 1.0, older than the device's own.
 BASE_WHEELS = ["bitsandbytes==0.50.2", "transformers==4.57.6", "tokenizers==0.22.2", "huggingface_hub==0.36.2",
@@ -141,11 +149,15 @@ def pip(*args: str) -> None:
 def _wheel(wheels_dir: Path, req: str) -> Path:
     name, version = req.split("==")
     stem = f"{name.replace('-', '_').lower()}-{version}-"
-    found = [w for w in wheels_dir.glob("*.whl") if w.name.lower().startswith(stem)]
+    cp = "cp" + PY_TAGS[1].replace(".", "")
+
+    def fits(w: Path) -> bool:          # pure wheels, or built for the target Python
+        return w.name.lower().startswith(stem) and any(t in w.name for t in ("-py3-", f"-{cp}-", "-abi3-"))
+    found = [w for w in wheels_dir.glob("*.whl") if fits(w)]
     if not found:
-        log(f"downloading {req} (cp312, manylinux x86-64)")
+        log(f"downloading {req} ({cp}, manylinux x86-64)")
         pip("download", "-q", "--no-deps", *PY_TAGS, "-d", str(wheels_dir), req)
-        found = [w for w in wheels_dir.glob("*.whl") if w.name.lower().startswith(stem)]
+        found = [w for w in wheels_dir.glob("*.whl") if fits(w)]
     return found[0]
 
 
@@ -172,13 +184,13 @@ def stage_base(root: Path, wheels_dir: Path, llama_wheel: Path | None, llama_src
     return info
 
 
-def stage_ort(root: Path, wheels_dir: Path, prune_sm: int | None) -> dict:
+def stage_ort(root: Path, wheels_dir: Path, prune_sm: int | None, req: str = "") -> dict:
     """ort/: onnxruntime-gpu (optionally its CUDA provider's GPU code pruned to one architecture)."""
-    wheel = _wheel(wheels_dir, ORT_WHEEL)
+    wheel = _wheel(wheels_dir, req or ORT_WHEEL)
     install(root / "site", [wheel])
     info = {"wheels": [wheel.name]}
-    if prune_sm:
-        cuda_ep = root / "site" / "onnxruntime" / "capi" / "libonnxruntime_providers_cuda.so"
+    cuda_ep = root / "site" / "onnxruntime" / "capi" / "libonnxruntime_providers_cuda.so"
+    if prune_sm and cuda_ep.exists():
         log(f"pruning {cuda_ep.name} to sm_{prune_sm}")
         pruned = cuda_ep.with_suffix(".pruned")
         info["fatbin"] = dict(prune_fatbin(cuda_ep, pruned, prune_sm), keep_sm=prune_sm)
@@ -211,12 +223,21 @@ def trim_llama_source(sdist: Path, out: Path) -> None:
 def build_kernels(out: Path) -> list[Path]:
     """The projector libraries of this tree (CPU + CUDA, sm_80..90), built by CMake into out."""
     repo = Path(__file__).resolve().parent.parent
+    out.mkdir(parents=True, exist_ok=True)
+    newest_src = max(p.stat().st_mtime for p in [repo / "CMakeLists.txt", *(repo / "kernels").glob("*")]
+                     if p.suffix in (".h", ".c", ".cpp", ".cu", ".txt"))
+    for tree in sorted((repo / "build").glob("*")):     # the editable install's build (make setup)
+        libs = [next(tree.rglob(n), None) for n in ("libscops_kernels.so", "libscops_kernels_cuda.so")]
+        if all(lib is not None and lib.stat().st_mtime > newest_src for lib in libs):
+            log(f"kernel libraries: reusing {tree} (newer than every kernel source)")
+            for lib in libs:
+                shutil.copy(lib, out / lib.name)
+            return [out / lib.name for lib in libs]
     build = out.parent / "kernels-build"
     subprocess.run(["cmake", "-S", str(repo), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-G", "Ninja"],
                    check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1)], check=True,
                    stdout=subprocess.DEVNULL)
-    out.mkdir(parents=True, exist_ok=True)
     libs = []
     for name in ("libscops_kernels.so", "libscops_kernels_cuda.so"):
         found = next(build.rglob(name), None)
@@ -241,9 +262,17 @@ def pack(stage: Path, kit: Path, name: str, piece_bytes: int = PIECE_BYTES) -> d
     """stage/ -> NAME.tar.xz cut into kit/NAME.i/piece, one per device call."""
     payload = kit / f"{name}.tar.xz"
     log(f"packing {stage} (xz -6; minutes for a few hundred MB)")
-    with tarfile.open(payload, "w:xz", preset=6) as tar:
-        for child in sorted(stage.iterdir()):
-            tar.add(child, arcname=child.name)
+    children = sorted(c.name for c in stage.iterdir())
+    if shutil.which("xz") and shutil.which("tar"):         # multi-threaded xz; same format
+        with open(payload, "wb") as f:
+            tar = subprocess.Popen(["tar", "-C", str(stage), "-cf", "-", *children], stdout=subprocess.PIPE)
+            subprocess.run(["xz", "-6", "-T0", "-c"], stdin=tar.stdout, stdout=f, check=True)
+            if tar.wait() != 0:
+                raise RuntimeError(f"tar of {stage} failed")
+    else:
+        with tarfile.open(payload, "w:xz", preset=6) as tar:
+            for child in children:
+                tar.add(stage / child, arcname=child)
     size = payload.stat().st_size
     n = max(1, -(-size // piece_bytes))
     for old in kit.glob(f"{name}.*"):
@@ -263,6 +292,8 @@ def pack(stage: Path, kit: Path, name: str, piece_bytes: int = PIECE_BYTES) -> d
 
 
 def prepare(args) -> int:
+    global PY_TAGS
+    PY_TAGS = py_tags(args.python)
     kit = Path(args.kit).resolve()
     kit.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache).expanduser()
@@ -274,14 +305,15 @@ def prepare(args) -> int:
     if llama is None:
         log("no CUDA llama-cpp-python wheel here: the kit carries its trimmed source, built on the device")
     t0 = time.perf_counter()
-    meta = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "kernels_sha256": kernel_sources_hash(), "payloads": {}}
+    meta = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "kernels_sha256": kernel_sources_hash(), "payloads": {},
+            "python": args.python}
     base = cache / "stage-base"
     info = stage_base(base, cache / "wheels", llama, None if llama else sdist)
     log("building the projector libraries (CPU + CUDA)")
     build_kernels(base / "lib")
     meta["payloads"]["base"] = dict(pack(base, kit, "base"), **info)
     ort = cache / "stage-ort"
-    info = stage_ort(ort, cache / "wheels", args.prune_sm or None)
+    info = stage_ort(ort, cache / "wheels", args.prune_sm or None, args.ort)
     meta["payloads"]["ort"] = dict(pack(ort, kit, "ort"), **info)
     meta["prepare_s"] = round(time.perf_counter() - t0)
     (kit / "kit.json").write_text(json.dumps(meta, indent=1))
@@ -347,7 +379,14 @@ def main(argv=None) -> int:
     p.add_argument("--archs", default="90-real", help="CUDA_ARCHS the cached llama wheel was built for")
     p.add_argument("--prune-sm", type=int, default=0,
                    help="zero the onnxruntime CUDA provider's GPU code for other architectures (e.g. 90)")
+    p.add_argument("--python", default=DEVICE_PYTHON, help="target Python (a rehearsal kit: this machine's)")
+    p.add_argument("--ort", default=ORT_WHEEL, help="the onnxruntime requirement (a rehearsal kit: the CPU one)")
     p.set_defaults(fn=prepare)
+    p = sub.add_parser("calls", help="print the device calls' commands, one per line")
+    p.add_argument("--kit", default=".gpukit")
+    p.set_defaults(fn=lambda a: print("\n".join(c["command"] for c in plan_calls(
+        json.loads((Path(a.kit) / "kit.json").read_text()),
+        os.path.relpath(Path(a.kit).resolve(), Path(__file__).resolve().parent.parent)))) or 0)
     p = sub.add_parser("plan", help="print the device calls of a prepared kit")
     p.add_argument("--kit", default=".gpukit")
     p.set_defaults(fn=lambda a: print(render_plan(json.loads((Path(a.kit) / "kit.json").read_text()),
