@@ -86,7 +86,7 @@ def preload_cuda_libraries() -> tuple[str, ...]:
     try:                                        # onnxruntime-gpu >= 1.21 knows its own needs
         import onnxruntime as ort
         if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls(directory="")
+            ort.preload_dlls()               # the nvidia-* packages it was built against
     except Exception as e:                      # noqa: BLE001 - best effort, reported below
         log.debug("onnxruntime.preload_dlls: %s", e)
     for d in _pip_lib_dirs():
