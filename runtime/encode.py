@@ -22,6 +22,8 @@ log = logging.getLogger("scops")
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 PREFERRED = (TRT, CUDA, CPU)
 GPU_PROVIDERS = (TRT, CUDA)
+# onnxruntime's errors about the input itself: they fail on every provider alike
+INPUT_ERRORS = ("InvalidArgument", "InvalidGraph", "NoSuchFile")
 
 
 def pick_providers(requested=None) -> tuple[str, ...]:
@@ -152,7 +154,7 @@ class OnnxStage:
         try:
             return self.sess.run(None, feed)[0]
         except Exception as e:
-            if self.backend == CPU:
+            if self.backend == CPU or type(e).__name__ in INPUT_ERRORS:    # bad input: not the GPU's fault
                 raise
             log.warning("%s: %s failed while running (%s); falling back to the CPU for this graph",
                         self.name, short(self.backend), str(e).splitlines()[0])

@@ -106,6 +106,17 @@ def test_gpu_run_failure_falls_back_to_cpu(bundle, photos, caplog):
         assert "CUDA failed while running (CUDA error: an illegal memory access was encountered); " \
                "falling back to the CPU" in caplog.text
 
+        class InvalidArgument(Exception):      # onnxruntime's name for an input error
+            pass
+
+        class Picky:
+            def run(self, *a, **k):
+                raise InvalidArgument("Got invalid dimensions for input")
+        stage.sess, stage.backend = Picky(), CUDA
+        with pytest.raises(InvalidArgument):     # bad input: raised as it is, the GPU kept
+            stage.run(ctx)
+        assert stage.backend == CUDA
+
 
 @pytest.mark.skipif(HAVE_GPU, reason="checks the no-GPU answers")
 def test_cpu_machine_answers(bundle):
