@@ -257,7 +257,9 @@ def run_gpu_bench(o: BenchOptions, log: Log) -> dict:
     from .vram import gpu_info
 
     if o.device == "cuda" and not gpu.cuda_devices():
-        raise RuntimeError("--device cuda: no NVIDIA GPU is visible to the driver")
+        from scops.runtime.errors import OptionError
+        raise OptionError("--device cuda: no NVIDIA GPU is visible to the driver (--rehearse runs the GPU plan "
+                          "on the CPU)")
     t0 = time.perf_counter()
     ckpt, bundle = ensure_bundle(SHAPES[o.shape], o.encoder_precision, log)
     build_s = time.perf_counter() - t0
