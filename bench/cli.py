@@ -47,9 +47,12 @@ def cmd_bench(args) -> int:
     if args.shape == "lego-small":
         from .lego import run_lego_bench
         return run_lego_bench(args, _log)
+    from .imagine import EMU_SHAPES, cmd_bench_imagine
     from .report import write_report
     from .run import BenchOptions, run_bench
 
+    if args.shape in EMU_SHAPES:                 # Emu's image generation: its own stages and report
+        return cmd_bench_imagine(args, _log)
     if args.rehearse and args.device != "cuda":
         raise SystemExit("scops bench: --rehearse rehearses the GPU run: give it with --device cuda")
     device = "cpu" if args.rehearse else args.device
@@ -75,7 +78,8 @@ def cmd_bench(args) -> int:
 def add_bench_parser(sub) -> None:
     """Register `scops bench --shape NAME ...` on the CLI's subparsers."""
     p = sub.add_parser("bench", help="benchmark a shape-faithful bundle against HF and llama-cpp-python")
-    p.add_argument("--shape", required=True, choices=sorted(SHAPES) + ["lego-small"])
+    from .imagine import EMU_SHAPES
+    p.add_argument("--shape", required=True, choices=sorted(SHAPES) + ["lego-small"] + sorted(EMU_SHAPES))
     p.add_argument("--vs", type=_peers, default=(), help="peers, comma-separated: hf,llama-cpp")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions after one warm-up (0: shape default)")
     p.add_argument("--tokens", type=int, default=0, help="decode length, EOS ignored (0: shape default)")
@@ -85,5 +89,6 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--rehearse", action="store_true",
                    help="with --device cuda: run the GPU plan (peers, keys, report) on the CPU")
+    p.add_argument("--steps", type=int, default=0, help="emu shapes: denoising steps (0: 20)")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.set_defaults(fn=cmd_bench)

@@ -39,6 +39,11 @@ class FamilyExport:
     llm_dir: Path | None = None          # where the LLM (+ tokenizer.model) lives; default: the source
     llm_adjust: Callable | None = None   # (hf_name, w) -> w while streaming, e.g. a LoRA merge
     load: Callable | None = None         # (prefix) -> {name: tensor}; default: the source's safetensors
+    llm_tensors: TensorIndex | None = None   # the LLM's tensors (names/shape/load); default: llm_dir's
+    added_tokens: dict | None = None     # {text: id} for the GGUF vocabulary; default: llm_dir's files
+    # ((title, step(bundle_builder, log) -> manifest entries), ...) run after the LLM, e.g. Emu's
+    # regression head and image decoder
+    extra_steps: tuple = ()
 
     def projector_files(self) -> tuple:
         return self.projectors or ((self.projection_prefix, "projector.safetensors"),)
@@ -82,7 +87,7 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
     template = resolve_special(fam.template, llm_dir, tok_model)
     t_start = time.perf_counter()
     quantized = quant not in ("F32", "F16")
-    n_steps = len(fam.stages) + 3 + quantized
+    n_steps = len(fam.stages) + 3 + quantized + len(fam.extra_steps)
     step = iter(range(1, n_steps + 1))
     validation = {}
     with BundleBuilder(out) as b:
@@ -114,7 +119,8 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
         log(f"[{next(step)}/{n_steps}] LLM: GGUF ({dtype}) from {llm_dir.name}")
         facts = write_llama_gguf(llm_dir, tok_model, b.dir / src_name, dtype=dtype, prefix=fam.llm_prefix,
                                  config=fam.text_config, progress=_tensor_progress(log),
-                                 name=f"scops-{fam.family}", adjust=fam.llm_adjust)
+                                 name=f"scops-{fam.family}", adjust=fam.llm_adjust, tensors=fam.llm_tensors,
+                                 added_tokens=fam.added_tokens)
         llm_file = src_name
         if quantized:
             llm_file = f"llm.{quant}.gguf"
@@ -125,6 +131,10 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
         if n_embd != facts["n_embd"]:
             raise ValueError(f"projection width {n_embd} != LLM width {facts['n_embd']}")
 
+        extra = {}
+        for title, run in fam.extra_steps:
+            log(f"[{next(step)}/{n_steps}] {title}")
+            extra.update(run(b, log))
         log(f"[{next(step)}/{n_steps}] manifest + atomic rename -> {out}")
         path = b.commit({
             "family": fam.family,
@@ -136,6 +146,7 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
             "validation": validation,
             "encoder_precision": precision,
             **fam.facts,
+            **extra,
         })
     log(f"done in {time.perf_counter() - t_start:.1f}s: {path}")
     return path

@@ -43,6 +43,7 @@ class OnnxStageSpec:
     trace_batch: int = 1
     check_batch: int = 2
     sizes: dict = field(default_factory=dict)   # values for symbolic dims other than "batch"
+    check_sizes: dict = field(default_factory=dict)   # other values for them at validation (default: sizes)
 
     def dynamic_axes(self) -> dict:
         axes = {}
@@ -52,8 +53,9 @@ class OnnxStageSpec:
                 axes[t.name] = named
         return axes
 
-    def concrete(self, t: TensorSpec, batch: int) -> tuple[int, ...]:
-        return tuple(batch if d == "batch" else self.sizes[d] if isinstance(d, str) else d for d in t.shape)
+    def concrete(self, t: TensorSpec, batch: int, sizes: dict | None = None) -> tuple[int, ...]:
+        sizes = self.sizes if sizes is None else sizes
+        return tuple(batch if d == "batch" else sizes[d] if isinstance(d, str) else d for d in t.shape)
 
     def describe(self) -> dict:
         """The manifest's record of this graph: I/O names, shapes (symbolic kept), dtypes."""
@@ -64,11 +66,11 @@ class OnnxStageSpec:
         }
 
 
-def make_inputs(spec: OnnxStageSpec, batch: int, seed: int) -> list[np.ndarray]:
+def make_inputs(spec: OnnxStageSpec, batch: int, seed: int, sizes: dict | None = None) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays = []
     for t in spec.inputs:
-        shape = spec.concrete(t, batch)
+        shape = spec.concrete(t, batch, sizes)
         if t.dtype == "int64":
             arrays.append(rng.integers(0, max(t.high, 2), size=shape, dtype=np.int64))
         else:
@@ -119,7 +121,7 @@ def validate_stage(module, spec: OnnxStageSpec, path: Path, seed: int = 1) -> fl
     import onnxruntime as ort
     import torch
 
-    inputs = make_inputs(spec, spec.check_batch, seed=seed)
+    inputs = make_inputs(spec, spec.check_batch, seed=seed, sizes={**spec.sizes, **spec.check_sizes})
     with torch.no_grad():
         ref = module(*(torch.from_numpy(a) for a in inputs))
     ref = [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]

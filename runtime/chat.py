@@ -219,10 +219,14 @@ class Reply:
         full, emitted = "", 0
         holdback = max((len(s) for s in stops), default=1) - 1
         t_first = t_last = None
+        # e.g. Emu's min_length=1: EOS is banned until this many tokens are out
+        min_new = 0 if self.opts.ignore_stop else int(self.conv.session.bundle.template.get("min_new_tokens", 0))
         while True:
             if self._cancel.is_set():
                 self.finish_reason = "cancelled"
                 break
+            if len(self.token_ids) < min_new:
+                llm.suppress_eog()
             tok = llm.sample(sampler)
             t_last = time.perf_counter()
             if t_first is None:

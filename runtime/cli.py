@@ -188,11 +188,22 @@ def cmd_info(args) -> int:
     for mod, spec in m["modalities"].items():
         chain = " -> ".join(s.get("file", s["op"]) for s in spec["stages"])
         print(f"{mod:<8} {chain}  ({spec['rows']} rows)")
+    gen = m.get("generation")
+    if gen:                                            # Emu: `scops imagine` serves this bundle
+        d = gen["defaults"]
+        print(f"imagine  {gen['boi']} -> {gen['n_embeds']} regressed rows ({gen['regress_head']['file']}) -> "
+              f"{gen['unet']['file']} x PNDM -> {gen['vae_decoder']['file']}  ({d['width']}x{d['height']}, "
+              f"{d['steps']} steps, guidance {d['guidance']})")
     print("files")
     for name, e in m["files"].items():
         print(f"  {name:<28} {e['bytes'] / 2**20:9.2f} MiB  sha256 {e['sha256'][:12]}…")
     for name, v in m.get("validation", {}).items():
         print(f"parity   {name}: onnxruntime vs PyTorch max abs diff {v['max_abs_diff']:.2e} at batch {v['batch']}")
+    for key in ("unet", "vae_decoder"):
+        v = (gen or {}).get(key, {}).get("validation")
+        if v:
+            print(f"parity   {gen[key]['file']}: onnxruntime vs PyTorch max abs diff {v['max_abs_diff']:.2e} at "
+                  f"batch {v['batch']}, latent {v['latent']}")
     print(f"verified {'sha256 of every file' if not args.no_verify else 'sizes only (--no-verify)'}")
     return 0
 
@@ -305,9 +316,11 @@ def add_kv_type(p) -> None:
 def _add_optional_commands(sub) -> None:
     """`scops serve` and `scops bench` declare their own arguments where they live."""
     from scops.bench.cli import add_bench_parser
+    from .cli_imagine import add_imagine_parser
     from .server import add_serve_parser
     add_serve_parser(sub)
     add_bench_parser(sub)
+    add_imagine_parser(sub)
 
 
 def main(argv=None) -> int:

@@ -76,13 +76,16 @@ TEMPLATE = {
         "assistant": {"type": "string"}, "answer": {"type": "string", "pattern": "\\{answer\\}"},
         "media": {"type": "object", "additionalProperties": {"type": "string"}},
         "media_sep": {"type": "string"}, "media_join": {"type": "string"},
-        "placeholder": {"type": "string", "minLength": 1}, "bos": {"type": "boolean"},
+        "placeholder": {"type": "string", "minLength": 1}, "bos": {"enum": [True, False, "first"]},
         "stop": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 16},
         "special": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0,
                                                                "maximum": MAX_VOCAB}},
         "history_drop": {"type": "integer", "minimum": 0, "maximum": 16},
         "media_order": {"type": "array", "items": {"type": "string"}, "maxItems": 16},
         "ground_prompt": {"type": "string"},
+        "special_strip": {"type": "boolean"},
+        "min_new_tokens": {"type": "integer", "minimum": 0, "maximum": 16},
+        "system_media": {"type": "object", "additionalProperties": {"type": "string"}},
     },
 }
 
@@ -113,6 +116,31 @@ FILE_ENTRY = {
                    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
 }
 
+# Emu's image generation: regression head (a projector without bias), the UNet and VAE decoder
+# graphs, the PNDM scheduler config (runtime/pndm.py reads it), the latent geometry and defaults.
+GENERATION = {
+    "type": "object",
+    "required": ["regress_head", "n_embeds", "boi", "special", "unet", "vae_decoder", "scheduler",
+                 "latent_channels", "vae_scale_factor", "scaling_factor", "size_multiple", "defaults"],
+    "properties": {
+        "regress_head": _stage_schema("projector", *STAGE_OPS["projector"]),
+        "n_embeds": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS},
+        "boi": {"type": "string", "minLength": 1},
+        "special": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0, "maximum": MAX_VOCAB}},
+        "unet": {"type": "object", "required": ["file"], "properties": {"file": _NAME}},
+        "vae_decoder": {"type": "object", "required": ["file"], "properties": {"file": _NAME}},
+        "scheduler": {"type": "object"},
+        "latent_channels": {"type": "integer", "minimum": 1, "maximum": 64},
+        "vae_scale_factor": {"type": "integer", "minimum": 1, "maximum": 64},
+        "scaling_factor": {"type": "number", "exclusiveMinimum": 0},
+        "size_multiple": {"type": "integer", "minimum": 1, "maximum": 1024},
+        "defaults": {"type": "object", "properties": {
+            "steps": {"type": "integer", "minimum": 1, "maximum": 1000}, "guidance": {"type": "number"},
+            "height": {"type": "integer", "minimum": 1, "maximum": 8192},
+            "width": {"type": "integer", "minimum": 1, "maximum": 8192}}},
+    },
+}
+
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -133,6 +161,7 @@ SCHEMA = {
         "combine": {"type": "object", "properties": {"op": {"const": "sum"}}},
         # answers that carry their own grounding (LEGO: boxes / spans in the text -> Reply.grounding)
         "grounding": {"enum": ["answer_text"]},
+        "generation": GENERATION,
     },
 }
 
@@ -162,6 +191,9 @@ def check_manifest(m, where: str = MANIFEST) -> None:
                 referenced.add(st["file"])
         if "instruction" in spec:
             referenced.add(spec["instruction"]["tokenizer"])
+    gen = m.get("generation")
+    if gen:
+        referenced |= {gen["regress_head"]["file"], gen["unet"]["file"], gen["vae_decoder"]["file"]}
     for name in sorted(referenced - set(files)):
         raise BundleError(f"{where}: {name} is used but not listed in 'files'")
     for mod, spec in m["modalities"].items():

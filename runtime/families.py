@@ -135,6 +135,25 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+FAMILIES += (
+    Family(
+        name="emu", title="Emu (EVA-CLIP-g + Causal Transformer + LLaMA-13B): image chat (Emu-I) and image "
+                          "generation (pretrained Emu + SD UNet/VAE)",
+        exporter="scops.export.emu:export_emu",
+        fixtures=(("emu-tiny", "scops.export.fixtures_emu:build_emu_tiny"),),
+        inputs=("image",), templates=("emu_i", "emu"),
+        release=(ReleaseFile(("Emu-instruct.pt",), "Emu-I: the whole model's state dict (optionally under 'module'), "
+                             "LoRA r16 under peft's names (chat bundle)", "BAAI/Emu (HF)"),
+                 ReleaseFile(("pretrain/",), "pretrained Emu: `multimodal_encoder/pytorch_model.bin` (flat), "
+                             "`unet/`, `vae/`, `scheduler/` (diffusers) (generation bundle)", "BAAI/Emu (HF)"),
+                 ReleaseFile(("llama_config/", "Emu-14B.json"), "LLaMA's tokenizer.model + config.json, the model "
+                             "config (beside the checkpoint)", "baaivision/Emu: Emu1/models/")),
+        sequence="`{system} [USER]: [IMG][32 rows][/IMG]q [ASSISTANT]:`; generation: `prompt[IMG]` + 32 "
+                 "regressed rows",
+        hub_ids=("BAAI/Emu",),
+    ),
+)
+
 BY_NAME = {f.name: f for f in FAMILIES}
 FIXTURES = {name: target for f in FAMILIES for name, target in f.fixtures}
 

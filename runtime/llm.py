@@ -264,6 +264,26 @@ class Llm:
     def free_sampler(self, sampler) -> None:
         self.L.llama_sampler_free(sampler)
 
+    def suppress_eog(self) -> None:
+        """Ban EOS (and EOT) in the logits of the last output before it is sampled."""
+        ptr = self.L.llama_get_logits_ith(self.ctx, -1)
+        for t in (self.L.llama_vocab_eos(self.vocab), self.L.llama_vocab_eot(self.vocab)):
+            if 0 <= t < self.n_vocab:
+                ptr[t] = -np.inf
+
+    # ---- embeddings output (Emu's regression loop) ---------------------------------
+    def set_embeddings(self, on: bool) -> None:
+        """With embeddings on, each decode also keeps the output rows of the final norm (llama
+        arch: `result_norm`, the input of the LM head) for the positions that ask for logits."""
+        self.L.llama_set_embeddings(self.ctx, bool(on))
+
+    def output_embedding(self) -> np.ndarray:
+        """The last decoded position's final-norm output [n_embd] (a copy; embeddings on)."""
+        ptr = self.L.llama_get_embeddings_ith(self.ctx, -1)
+        if not ptr:
+            raise RuntimeError("llama.cpp returned no embeddings (set_embeddings(True) before decoding)")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
+
     def logits(self) -> np.ndarray:
         """Logits of the last decoded position that asked for them (a copy)."""
         ptr = self.L.llama_get_logits_ith(self.ctx, -1)

@@ -177,6 +177,12 @@ class Session:
         from .chat import Conversation
         return Conversation(self, system)
 
+    def generate_image(self, prompt: str, images=(), **options):
+        """Emu: prompt (+ reference pictures) -> GeneratedImage; options: steps, guidance, height,
+        width, seed, latents, progress(done, total). See runtime/imagine.py."""
+        from .imagine import generate_image
+        return generate_image(self, prompt, images, **options)
+
     # ---- media --------------------------------------------------------------------
     def _warmup(self) -> None:
         """First-call costs (graph init, allocations) paid at open, not in the first turn."""
@@ -252,6 +258,8 @@ class Session:
             self.active.close()
         for p in {id(p): p for p in self.projectors.values()}.values():
             p.close()
+        if getattr(self, "_imaginer", None) is not None:
+            self._imaginer.close()
         self.llm.close()
         if getattr(self, "_pinned", None) is not None:   # after llama.cpp let go of it
             self._pinned.close()

@@ -60,11 +60,21 @@ def _ordered(template: dict, media: list) -> list:
     return sorted(media, key=lambda ref: order.index(ref.modality) if ref.modality in order else len(order))
 
 
+def _system(template: dict, messages: list[Message]) -> str:
+    """The template's system text; "system_media" picks another by the first turn's media
+    (Emu: the video system message)."""
+    first = next((m for m in messages if m.role == "user"), None)
+    for ref in first.media if first else ():
+        if ref.modality in template.get("system_media", {}):
+            return template["system_media"][ref.modality]
+    return template["system"]
+
+
 def render(template: dict, messages: list[Message], system: str | None = None, cue: bool = True) -> list:
     """-> [str | MediaRef | Special, ...] for the whole conversation, ending with the
     assistant cue (cue=False: without it, e.g. the system prompt alone)."""
     mark = lambda text: _markup(template, text)  # noqa: E731
-    parts: list = mark(template["system"]) if system is None else [system]
+    parts: list = mark(_system(template, messages)) if system is None else [system]
     for msg in messages:
         if msg.role == "user":
             content: list = []
@@ -92,15 +102,29 @@ def render(template: dict, messages: list[Message], system: str | None = None, c
                 merged[-1] += p
                 continue
         merged.append(p)
-    return merged
+    if template.get("special_strip"):
+        strip_around_specials(merged)
+    return [p for p in merged if not isinstance(p, str) or p]
 
 
-def to_cells(segments: list, tokenize, rows_of, add_bos: bool) -> list:
+def strip_around_specials(segments: list) -> None:
+    """transformers 4.29-4.33 (Emu's) dropped the whitespace on both sides of an added token
+    when tokenizing; each text chunk between two of them is then encoded on its own."""
+    for i, p in enumerate(segments):
+        if isinstance(p, Special):
+            if i > 0 and isinstance(segments[i - 1], str):
+                segments[i - 1] = segments[i - 1].rstrip()
+            if i + 1 < len(segments) and isinstance(segments[i + 1], str):
+                segments[i + 1] = segments[i + 1].lstrip()
+
+
+def to_cells(segments: list, tokenize, rows_of, add_bos) -> list:
     """Text segments are tokenized one by one, BOS only before the first text segment
-    (MiniGPT-4: the system text; InstructBLIP: after the image rows); a media slot
+    (MiniGPT-4: the system text; InstructBLIP: after the image rows), or first of all with
+    add_bos "first" (Emu: the tokenizer's BOS, whatever the prompt starts with); a media slot
     becomes its rows: (key, 0) ... (key, n-1); a special token its id."""
-    cells: list = []
-    first_text = True
+    cells: list = tokenize("", True) if add_bos == "first" else []
+    first_text = add_bos != "first"
     for seg in segments:
         if isinstance(seg, MediaRef):
             cells += [(seg.key, i) for i in range(rows_of(seg))]

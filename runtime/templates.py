@@ -16,6 +16,10 @@ Keys (runtime/template.py renders them):
                 text is never parsed for them
   media_order   the order of a turn's media, whatever order they were given in (LEGO)
   ground_prompt the family's own prompt for grounded answers (LEGO's demo), for UIs
+  special_strip drop the whitespace on both sides of every special token (Emu's tokenizer)
+  system_media  modality -> the system text used when the first turn holds that medium
+  min_new_tokens EOS is banned until this many tokens are out (Emu: generate(min_length=1))
+  bos           may also be "first": BOS before everything (the HF tokenizer's own)
 """
 from __future__ import annotations
 
@@ -124,3 +128,30 @@ LEGO = {
     "stop": ["###"],
     "ground_prompt": "Please describe the image and include the object positions in [x0, y0, x1, y1] format.",
 }
+
+# Emu-I (Emu1/inference.py): f"{system} [USER]: {text} [ASSISTANT]:" with text = image_placeholder +
+# question ("[IMG]" + 32 x "<image>" + "[/IMG]", no space before the question) and the image (or
+# video) system message; later turns as mm_eval/datasets/visdial.py writes them: " [USER]: {q}
+# [ASSISTANT]: {a}</s>". The authors' transformers (4.29-4.33) dropped the whitespace on both
+# sides of every added token and encoded each chunk between them on its own (special_strip);
+# Emu.generate passes min_length=1 (EOS banned at the first new token); stop at EOS.
+EMU_IMAGE_SYSTEM = ("You will be presented with an image: [IMG]ImageContent[/IMG]. You will be able to see the "
+                    "image after I provide it to you. Please answer my questions based on the given image.")
+EMU_VIDEO_SYSTEM = ("You are a helpful assistant and you will be presented with a video consisting of multiple "
+                    "chronological images: [IMG]ImageContent[/IMG]. You will be able to see the video after I "
+                    "provide it to you. Please answer my questions based on the given video.")
+_EMU_COMMON = {
+    "media": {"image": "[IMG]<ImageHere>[/IMG]"},
+    "media_sep": "",
+    "placeholder": "<ImageHere>",
+    "bos": "first",
+    "stop": [],
+    "special_strip": True,
+    "min_new_tokens": 1,
+}
+EMU_I = {**_EMU_COMMON, "system": EMU_IMAGE_SYSTEM, "system_media": {"video": EMU_VIDEO_SYSTEM},
+         "user": " [USER]: {content}", "assistant": " [ASSISTANT]:", "answer": " {answer}</s>",
+         "special": ["[IMG]", "[/IMG]", "[USER]", "[ASSISTANT]", "</s>"]}
+# The pretrained Emu continues interleaved text (inference.py with instruct=False: prompt = text).
+EMU = {**_EMU_COMMON, "system": "", "user": "{content}", "assistant": "", "answer": "{answer}",
+       "special": ["[IMG]", "[/IMG]", "</s>"]}
