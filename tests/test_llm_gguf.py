@@ -13,18 +13,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("llama_cpp")
-pytest.importorskip("gguf")
-pytest.importorskip("sentencepiece")
-
-from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from llama_helpers import LlamaRunner, init_backend  # noqa: E402
-from scops.export.llm_gguf import list_gguf_tensors, quantize_gguf, write_llama_gguf  # noqa: E402
-from scops.export.spm import train_tokenizer  # noqa: E402
+from llama_helpers import LlamaRunner, init_backend
+from scops.export.llm_gguf import list_gguf_tensors, quantize_gguf, write_llama_gguf
+from scops.export.spm import train_tokenizer
 
 # Tiny model: hidden 256 keeps every row a multiple of the 256-wide k-quant
 # super-block, so Q4_K_M really uses q4_K/q6_K. Init std 0.04 (~0.6/sqrt(256))
