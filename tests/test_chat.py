@@ -41,9 +41,11 @@ def test_repeated_image_runs_no_encoder(exact_session, photos, tmp_path):
     runs = exact_session.stats.encoder_runs
     # the same picture again, this time as a PNG file: same decoded pixels, same key
     png = write_png(tmp_path / "astronaut.png", photos["astronaut"])
+    hits = exact_session.stats.media_cache_hits
     reply = exact_session.chat().send(Q1, images=[png], **greedy(2)).result()
     assert exact_session.stats.encoder_runs == runs
-    assert reply.timings["encode_ms"] < 5
+    assert exact_session.stats.media_cache_hits == hits + 1
+    assert reply.timings["encode_ms"] == 0          # no encoder, no projection: nothing was timed
     exact_session.chat().send(Q1, images=[photos["coffee"]], **greedy(2)).result()
     assert exact_session.stats.encoder_runs == runs + 1
 
@@ -56,12 +58,20 @@ def test_system_prompt_kv_is_reused_across_chats(exact_session, photos):
 
 
 def test_stream_pieces_make_the_text(exact_session, photos):
-    reply = exact_session.chat().send(Q1, images=[photos["cat"]], **greedy(20, ignore_stop=True))
+    runs = exact_session.stats.encoder_runs
+    rgb = photos["cat"].copy()
+    rgb[0, 0] ^= 1                                   # a picture this session has not seen
+    reply = exact_session.chat().send(Q1, images=[rgb], **greedy(20, ignore_stop=True))
     pieces = list(reply)
     assert len(pieces) > 1 and "".join(pieces) == reply.text
     assert reply.finish_reason == "length" and len(reply.token_ids) == 20
-    for key in ("preprocess_ms", "encode_ms", "prefill_ms", "ttft_ms", "decode_tok_s"):
-        assert reply.timings[key] >= 0
+    assert exact_session.stats.encoder_runs == runs + 1
+    t = reply.timings
+    # every stage ran, so each was timed; the first token comes after the prefill it needs
+    assert t["preprocess_ms"] > 0 and t["encode_ms"] > 0 and t["prefill_ms"] > 0
+    assert t["ttft_ms"] > t["prefill_ms"]
+    assert t["n_tokens"] == 20 and t["decode_tok_s"] > 0
+    assert t["decoded_cells"] > 0 and t["reused_cells"] + t["decoded_cells"] == len(reply.cells)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(exact_session, photos):
@@ -119,3 +129,81 @@ def test_token_offsets_address_the_answer_text(exact_session, photos):
     llm = exact_session.llm
     pieces = b"".join(llm.piece(t) for t in reply.token_ids).decode("utf-8", errors="replace").lstrip()
     assert pieces == reply.text
+
+
+def _penalise(logits, window, penalty):
+    """llama.cpp's repeat penalty (llama-sampler.cpp penalties_apply), applied here in numpy."""
+    out = logits.copy()
+    for t in set(window):
+        out[t] = out[t] * penalty if out[t] <= 0 else out[t] / penalty
+    return out
+
+
+def test_repeat_penalty_follows_llama_cpps_rule(exact_session, photos):
+    """Penalised greedy decoding through the API equals a step-by-step loop that applies
+    the penalty here, to the logits llama.cpp computed, over the last n tokens."""
+    import numpy as np
+
+    from scops.runtime.chat import _fill_from
+    llm, conv = exact_session.llm, exact_session.chat()
+    kw = dict(images=[photos["cat"]], temperature=0, max_tokens=16, ignore_stop=True)
+    plain = conv.send(Q1, **kw).result()
+    conv.reset()
+    pen = conv.send(Q1, repeat_penalty=1.5, repeat_last_n=8, **kw).result()
+    assert pen.token_ids != plain.token_ids              # the penalty changed the answer: it ran
+    llm.sync(pen.cells, _fill_from(exact_session, conv._media))     # back to the prompt
+    history, got = [c for c in pen.cells if isinstance(c, int)], []
+    for _ in range(16):
+        tok = int(np.argmax(_penalise(llm.logits(), (history + got)[-8:], 1.5)))
+        got.append(tok)
+        llm.decode_tokens([tok], True)
+    assert got == pen.token_ids
+
+
+@pytest.mark.parametrize("n_args", [5, 4], ids=["n_vocab-first", "upstream-4-args"])
+def test_penalty_sampler_equals_llama_cpps_own(exact_session, photos, monkeypatch, n_args):
+    """Llm.make_sampler's penalty stage against llama.cpp's penalties sampler built directly
+    and applied to the same logits; both argument layouts of llama_sampler_init_penalties
+    (n_vocab first, as this llama-cpp-python declares it; 4 arguments, as upstream) go
+    through the shim."""
+    import ctypes
+
+    import numpy as np
+
+    from scops.runtime.llm import Sampling
+    llm = exact_session.llm
+    L = llm.L
+    conv = exact_session.chat()
+    conv.send(Q1, images=[photos["cat"]], temperature=0, max_tokens=1).result()
+    logits = llm.logits()
+    history = [5, 7] + [int(t) for t in np.argsort(logits)[::-1][:3]]     # the window holds the top 3
+    real, calls = L.llama_sampler_init_penalties, []
+    if n_args == 4:
+        def four(last_n, repeat, freq, present):
+            calls.append((last_n, repeat, freq, present))
+            return real(llm.n_vocab, last_n, repeat, freq, present)
+        four.argtypes = real.argtypes[1:]
+        monkeypatch.setattr(L, "llama_sampler_init_penalties", four)
+    else:
+        assert len(real.argtypes) == 5
+    ours = llm.make_sampler(Sampling(temperature=0, repeat_penalty=50.0, repeat_last_n=4), history)
+    try:
+        got = llm.sample(ours)
+    finally:
+        llm.free_sampler(ours)
+    if n_args == 4:
+        assert calls == [(4, 50.0, 0.0, 0.0)]
+
+    # llama.cpp's own sampler on a token-data array of the same logits
+    monkeypatch.undo()
+    data = (L.llama_token_data * llm.n_vocab)(*[L.llama_token_data(i, float(v), 0.0) for i, v in enumerate(logits)])
+    arr = L.llama_token_data_array(data, llm.n_vocab, -1, False)
+    direct = real(llm.n_vocab, 4, 50.0, 0.0, 0.0)
+    for t in history:
+        L.llama_sampler_accept(direct, t)
+    L.llama_sampler_apply(direct, ctypes.byref(arr))
+    L.llama_sampler_free(direct)
+    applied = np.array([data[i].logit for i in range(llm.n_vocab)], np.float32)
+    assert np.array_equal(applied, _penalise(logits, history[-4:], 50.0))
+    assert got == int(np.argmax(applied)) != int(np.argmax(logits))
+
