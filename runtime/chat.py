@@ -113,6 +113,13 @@ class Conversation:
             refs = [MediaRef("mix", key)]
         return refs, timings
 
+    def _forget_unused_media(self, extra: list[Message]) -> None:
+        """Drop the rows of media no message refers to any more (a caller that trims
+        `messages` to a window would otherwise keep every picture of the chat alive)."""
+        used = {r.key for m in self.messages + extra for r in m.media}
+        for key in [k for k in self._media if k not in used]:
+            del self._media[key]
+
     def _cells(self, messages: list[Message]) -> list:
         tpl = self.session.bundle.template
         segments = render(tpl, messages, self.system)
@@ -130,6 +137,7 @@ class Conversation:
         t0 = time.perf_counter()
         refs, timings = self._encode(media, text)
         user = Message("user", text, refs)
+        self._forget_unused_media([user])
         cells = self._cells(self.messages + [user])
         if len(cells) >= self.session.llm.n_ctx:
             raise PromptTooLong(f"the conversation needs {len(cells)} positions but the context holds "

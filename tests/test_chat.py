@@ -207,3 +207,13 @@ def test_penalty_sampler_equals_llama_cpps_own(exact_session, photos, monkeypatc
     assert np.array_equal(applied, _penalise(logits, history[-4:], 50.0))
     assert got == int(np.argmax(applied)) != int(np.argmax(logits))
 
+
+def test_trimmed_history_releases_its_media(exact_session, photos):
+    conv = exact_session.chat()
+    for name in ("cat", "astronaut", "coffee"):
+        conv.send(Q1, images=[photos[name]], **greedy(2)).result()
+        del conv.messages[:-2]                           # a client's window: the last turn only
+        assert len(conv._media) <= 2                     # the window's picture (+ the one it replaced)
+    reply = conv.send(Q2, **greedy(2)).result()          # the kept turn still renders and runs
+    assert reply.finish_reason in ("stop", "length")
+    assert len(conv._media) == 1                         # the coffee rows; cat and astronaut let go
