@@ -14,7 +14,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_T
 KERNEL_SRC := CMakeLists.txt $(wildcard kernels/*.h kernels/*.c kernels/*.cpp kernels/*.cu kernels/CMakeLists.txt)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow demo clean system-deps gpu-hint
+.PHONY: setup test test-slow fuzz demo clean system-deps gpu-hint
 GPU ?= 0
 ifeq ($(GPU),1)
 setup: $(VENV)/.stamp-pkg $(VENV)/.stamp-gpu
@@ -89,6 +89,15 @@ test: setup system-deps
 # the long checks (marked `slow`): repeated kill trials, long conversations, ...
 test-slow: setup system-deps
 	$(VENV)/bin/pytest -q -m slow $(PYTEST_ARGS)
+
+# Coverage-guided fuzzing (atheris) of every decoder, FUZZ_SECONDS per target, one after
+# another; findings under build/fuzz/ (see tests/fuzz/run.py). `make test` replays the
+# committed corpus only.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?=
+fuzz: setup
+	$(PY) -c "import atheris" 2>/dev/null || $(PIP) install -q "atheris>=2.3"
+	$(PY) tests/fuzz/run.py all $(FUZZ_TARGETS) --seconds $(FUZZ_SECONDS)
 
 demo: setup
 	$(VENV)/bin/scops demo

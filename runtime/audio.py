@@ -24,6 +24,15 @@ from .preprocess import _read_bytes
 MAX_AUDIO_SECONDS = 600.0
 # 10 min of 8-channel 48 kHz 24-bit PCM is 414 MB; 512 MiB bounds any sane upload.
 MAX_AUDIO_BYTES = 512 << 20
+# Decoded samples per channel: 10 min at 96 kHz (230 MB of float32); higher rates get less time.
+MAX_AUDIO_SAMPLES = 600 * 96_000
+MAX_AUDIO_CHANNELS = 64               # 7.1.4 is 12; Ambisonics order 7 is 64
+# |sample| above this is no recording (PCM decodes to -1..1, float files stay near it):
+# corrupt compressed streams decode to garbage such as 1e38, which would overflow the fbank.
+MAX_AUDIO_PEAK = 1e4
+# Containers tried, by their magic bytes: what recorders and browsers write. libsndfile
+# parses ~25 formats; the rarely-used ones are not handed untrusted bytes.
+AUDIO_CONTAINERS = ("WAV", "FLAC", "OGG", "MP3", "AIFF")
 # Sample-rate reductions whose sinc kernel exceeds this many taps go to soxr instead
 # (e.g. 44101 Hz: 16000 phases x 88k taps); every common rate stays on the exact path.
 MAX_RESAMPLE_TAPS = 4_000_000
@@ -106,33 +115,65 @@ def decode_audio(src) -> Waveform:
     import soundfile as sf
 
     data, name = _read_bytes(src, "audio", MAX_AUDIO_BYTES)
+    container = audio_container(data)
+    if container is None:
+        raise InputError(f"{name}: not an audio file (reads {', '.join(AUDIO_CONTAINERS)})")
     try:
         f = sf.SoundFile(io.BytesIO(data))
     except Exception:
-        raise InputError(f"{name}: not an audio file (unrecognised format)") from None
+        raise InputError(f"{name}: not a readable {container} file") from None
     with f:
         rate, frames, channels = int(f.samplerate), int(f.frames), int(f.channels)
         if rate < 1000 or rate > 768_000:
             raise InputError(f"{name}: sample rate {rate} Hz is out of range (1 kHz - 768 kHz)")
+        if not 1 <= channels <= MAX_AUDIO_CHANNELS:
+            raise InputError(f"{name}: {channels} channels (reads 1 to {MAX_AUDIO_CHANNELS})")
         if frames <= 0:
             raise InputError(f"{name}: audio has no samples")
-        if frames / rate > MAX_AUDIO_SECONDS:
-            raise InputError(f"{name}: {frames / rate:.1f} s is over the {MAX_AUDIO_SECONDS:.0f} s audio limit")
-        first, mix = [], []
+        if frames / rate > MAX_AUDIO_SECONDS or frames > MAX_AUDIO_SAMPLES:
+            raise InputError(f"{name}: {frames / rate:.1f} s at {rate} Hz is over the audio limit "
+                             f"({MAX_AUDIO_SECONDS:.0f} s, {MAX_AUDIO_SAMPLES} samples)")
+        first, mix, total = [], [], 0
+        block = max(1, (1 << 22) // channels)          # 16 MiB of float32 per block, any channel count
         try:
-            for b in f.blocks(blocksize=1 << 18, dtype="float32", always_2d=True):   # [n, C] per block
-                first.append(b[:, 0])
+            for b in f.blocks(blocksize=block, dtype="float32", always_2d=True):   # [n, C] per block
+                first.append(b[:, 0].copy())
                 if channels > 1:
                     mix.append(b.mean(axis=1))
+                total += len(b)
+                if total > MAX_AUDIO_SAMPLES:       # a header that under-states its length
+                    raise InputError(f"{name}: over the {MAX_AUDIO_SAMPLES} sample audio limit")
+        except InputError:
+            raise
         except Exception as e:
-            raise InputError(f"{name}: corrupt audio ({e})") from None
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise InputError(f"{name}: corrupt audio ({reason})") from None
     first = np.concatenate(first) if first else np.empty(0, np.float32)
     if first.size == 0:
         raise InputError(f"{name}: audio has no samples")
     mix = np.concatenate(mix) if channels > 1 else first
     if not (np.all(np.isfinite(first)) and np.all(np.isfinite(mix))):
         raise InputError(f"{name}: audio has NaN or infinite samples")
+    peak = max(float(np.abs(first).max()), float(np.abs(mix).max()))
+    if peak > MAX_AUDIO_PEAK:
+        raise InputError(f"{name}: sample values up to {peak:.3g} (audio is -1..1; a corrupt stream?)")
     return Waveform(first, mix, rate, name)
+
+
+def audio_container(data: bytes) -> str | None:
+    """The container of `data` from its first bytes, if it is one of AUDIO_CONTAINERS."""
+    head = data[:12]
+    if head[:4] in (b"RIFF", b"RIFX", b"RF64", b"BW64") and head[8:12] == b"WAVE" or head[:4] == b"riff":
+        return "WAV"                                         # RIFF/RIFX/RF64 WAVE, Sony Wave64
+    if head[:4] == b"fLaC":
+        return "FLAC"
+    if head[:4] == b"OggS":
+        return "OGG"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "AIFF"
+    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "MP3"                                         # an ID3 tag, or an MPEG frame sync
+    return None
 
 
 @lru_cache(maxsize=16)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, _read_bytes, decode_image, preprocess_image
+from .preprocess import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, _read_bytes, decode_image, open_image,
+                         preprocess_image, short_side_crop)
 
 MAX_VIDEO_SECONDS = 600.0
 MAX_VIDEO_FRAMES = 600 * 120          # 10 min at 120 fps
@@ -103,11 +104,32 @@ def _frame_count(container, stream) -> int:
     return count
 
 
-def _short_side_weights(h: int, w: int, size: int):
-    """pytorchvideo ShortSideScale: short side to `size`, long side floor(long/short*size)."""
+def _bilinear_taps(n_in: int, n_out: int, first: int, count: int):
+    """Output positions [first, first + count) of torch bilinear (align_corners=False) from
+    n_in to n_out: source indices i0, i1 and weight lam of i1 (two taps: no dense matrix)."""
+    src = np.maximum((np.arange(first, first + count) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
+
+
+def _short_side_crops(x: np.ndarray, size: int, crops) -> list[np.ndarray]:
+    """pytorchvideo ShortSideScale (short side to `size`, long side floor(long/short*size),
+    bilinear) then uniform_crop, computed for the crop windows only: [3, H, W] -> [3, S, S]
+    per crop. The long axis is gathered first, so a 1 x 30M frame costs what its crops do."""
+    _, h, w = x.shape
     nh, nw = (int(math.floor(h / w * size)), size) if w < h else (size, int(math.floor(w / h * size)))
-    return (_linear_resize_weights(h, nh, False).astype(np.float32),
-            _linear_resize_weights(w, nw, False).astype(np.float32))
+    out = []
+    for idx in crops:
+        y, x0 = _crop_offsets(nh, nw, size, idx)
+        ty, tx = _bilinear_taps(h, nh, y, size), _bilinear_taps(w, nw, x0, size)
+        axes = [(1, ty), (2, tx)] if h >= w else [(2, tx), (1, ty)]
+        v = x
+        for axis, (i0, i1, lam) in axes:
+            shape = (1, -1, 1) if axis == 1 else (1, 1, -1)
+            a, b = np.take(v, i0, axis=axis), np.take(v, i1, axis=axis)
+            v = a + (b - a) * lam.reshape(shape)                  # [3, .., ..] -> size along `axis`
+        out.append(v)
+    return out
 
 
 def _crop_offsets(h: int, w: int, size: int, idx: int) -> tuple[int, int]:
@@ -157,15 +179,11 @@ def preprocess_video(src, opts: VideoOptions = VideoOptions()) -> np.ndarray:
         if not all(plan):
             raise InputError(f"{name}: a clip of the video holds no frame")
         need = set(i for clip in plan for i in clip)
-        ry, rx = _short_side_weights(h, w, opts.size)
+        crops = range(3) if opts.crops == 3 else (1,)
         for i, frame in enumerate(container.decode(stream)):   # only the needed frames are kept
             if i in need:
-                rgb = frame.to_ndarray(format="rgb24")
-                if rgb.shape[:2] != (h, w):
-                    ry, rx = _short_side_weights(*rgb.shape[:2], opts.size)
-                x = rgb.astype(np.float32).transpose(2, 0, 1) / 255.0            # [H, W, 3] -> [3, H, W]
-                x = np.einsum("yh,chw,xw->cyx", ry, x, rx, optimize=True)       # -> [3, h', w']
-                frames[i] = (x - mean) / std
+                x = frame.to_ndarray(format="rgb24").astype(np.float32).transpose(2, 0, 1) / 255.0  # -> [3, H, W]
+                frames[i] = [(c - mean) / std for c in _short_side_crops(x, opts.size, crops)]
             if len(frames) == len(need):
                 break
     except InputError:
@@ -178,12 +196,8 @@ def preprocess_video(src, opts: VideoOptions = VideoOptions()) -> np.ndarray:
         raise InputError(f"{name}: corrupt video (no frame could be decoded)")
     # fewer decodable frames than the header said: later picks take the last decoded one
     frames.update({i: frames[max(frames)] for i in need - frames.keys()})
-    out = []
-    for clip in plan:
-        video = np.stack([frames[i] for i in clip], axis=1)        # T x [3, h', w'] -> [3, T, h', w']
-        for idx in (range(3) if opts.crops == 3 else (1,)):
-            y, x = _crop_offsets(video.shape[2], video.shape[3], opts.size, idx)
-            out.append(video[:, :, y:y + opts.size, x:x + opts.size])
+    out = [np.stack([frames[i][k] for i in clip], axis=1)          # T x [3, S, S] -> [3, T, S, S]
+           for clip in plan for k in range(len(crops))]
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)  # -> [clips*crops, 3, T, S, S]
 
 
@@ -193,11 +207,9 @@ def preprocess_imagebind_image(src) -> np.ndarray:
 
 
 def _decode_single_channel(src, kind: str):
-    from PIL import Image
-
     data, name = _read_bytes(src, kind, MAX_IMAGE_BYTES)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data)
         if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
             raise InputError(f"{name}: {img.size[0]}x{img.size[1]} is over the {MAX_IMAGE_PIXELS / 1e6:g} MP limit")
         img.load()
@@ -208,21 +220,11 @@ def _decode_single_channel(src, kind: str):
     return img, name
 
 
-def _short_side_crop(img, size: int):
-    from PIL import Image
-
-    w, h = img.size          # torchvision Resize(size) on PIL + CenterCrop(size)
-    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    img = img.resize((nw, nh), resample=Image.BICUBIC)
-    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
-
-
 def preprocess_thermal(src, size: int = 224) -> np.ndarray:
     """PandaGPT load_and_transform_thermal_data: convert("L"), Resize(224, bicubic),
     CenterCrop(224), ToTensor (0..1, no mean/std) -> float32 [1, 224, 224]."""
     img, _ = _decode_single_channel(src, "thermal")
-    x = np.asarray(_short_side_crop(img.convert("L"), size), np.float32) / 255.0
+    x = np.asarray(short_side_crop(img.convert("L"), size), np.float32) / 255.0
     return x[None]                                             # [S, S] -> [1, S, S]
 
 
@@ -233,7 +235,7 @@ def preprocess_depth(src, size: int = 224) -> np.ndarray:
     img, name = _decode_single_channel(src, "depth")
     top = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}.get(img.mode)
     img, top = (img, top) if top else (img.convert("L"), 255.0)
-    x = np.asarray(_short_side_crop(img.convert("F"), size), np.float32) / np.float32(top)
+    x = np.asarray(short_side_crop(img.convert("F"), size), np.float32) / np.float32(top)
     return x[None]
 
 

@@ -22,6 +22,10 @@ MAX_IMAGE_BYTES = 64 << 20
 # error) is above this; we refuse earlier and before decoding.
 MAX_IMAGE_PIXELS = 50_000_000
 
+# Containers a photo arrives in. Pillow opens ~40 formats, some through external programs
+# (EPS runs Ghostscript) or rarely-exercised parsers; only these are attempted.
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "PPM", "AVIF")
+
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, np.ndarray, "PIL.Image.Image"]
 
 
@@ -49,6 +53,19 @@ def _read_bytes(src, kind: str, limit: int) -> tuple[bytes, str]:
     return data, name
 
 
+def image_formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS that this Pillow build has a reader for."""
+    from PIL import Image
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
+def open_image(data: bytes):
+    """Pillow's lazy open (header only) of an image in one of IMAGE_FORMATS."""
+    from PIL import Image
+    return Image.open(io.BytesIO(data), formats=image_formats())
+
+
 def decode_image(src: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Any Pillow-readable image -> RGB uint8 [H, W, 3]."""
     from PIL import Image, UnidentifiedImageError
@@ -65,9 +82,10 @@ def decode_image(src: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> np.nda
     else:
         data, name = _read_bytes(src, "image", MAX_IMAGE_BYTES)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = open_image(data)
         except UnidentifiedImageError:
-            raise InputError(f"{name}: not an image (unrecognised format)") from None
+            raise InputError(f"{name}: not an image (unrecognised format; "
+                             f"reads {', '.join(image_formats())})") from None
         except Exception as e:
             raise InputError(f"{name}: not a readable image ({e})") from None
     w, h = img.size
@@ -97,6 +115,32 @@ def content_hash(arr: np.ndarray, salt: str = "") -> str:
 _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}   # PIL.Image.Resampling values
 
 
+# Above this many crops' worth of pixels (aspect ratio 16:1) the short-side resize is not
+# materialised before the crop: 65535 x 16 -> 917490 x 224 would cost ~600 MB and seconds.
+MAX_RESIZE_CROPS = 16
+
+
+def short_side_crop(img, size: int, resample: int = 3):
+    """torchvision Resize(S) + CenterCrop(S) on a PIL image: short side to S, long side
+    int(S * long / short) (truncated); crop offsets int(round((n - S) / 2)).
+
+    Pillow maps each output pixel to its centre in the source, so resizing only the source
+    box that lands in the crop computes the same mapping (pixels agree up to Pillow's
+    rounding of the box, a level or two on natural images). That path is taken only when
+    the full resize would be huge (aspect ratio over 16:1); the plain one, bit-exact with
+    torchvision, otherwise.
+    """
+    w, h = img.size
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    if nw * nh <= MAX_RESIZE_CROPS * size * size:
+        img = img.resize((nw, nh), resample=resample)
+        return img.crop((left, top, left + size, top + size))
+    sx, sy = w / nw, h / nh                                   # source pixels per resized pixel
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return img.resize((size, size), resample=resample, box=box)
+
+
 def preprocess_image(rgb: np.ndarray, spec: dict) -> np.ndarray:
     """RGB uint8 [H, W, 3] -> float32 [3, S, S] as the family's original transforms do.
 
@@ -119,13 +163,7 @@ def preprocess_image(rgb: np.ndarray, spec: dict) -> np.ndarray:
     if mode in ("squash", "pad_square"):
         img = img.resize((size, size), resample=resample)
     else:
-        # torchvision Resize(S): short side to S, long side int(S * long / short) (truncated);
-        # CenterCrop(S): offsets int(round((n - S) / 2)).
-        w, h = img.size
-        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-        img = img.resize((nw, nh), resample=resample)
-        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
+        img = short_side_crop(img, size, resample)
     x = np.asarray(img, dtype=np.float32) / 255.0                    # [S, S, 3]
     mean = np.asarray(spec["mean"], dtype=np.float32)
     std = np.asarray(spec["std"], dtype=np.float32)
