@@ -90,7 +90,7 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
     n_steps = len(fam.stages) + 3 + quantized + len(fam.extra_steps)
     step = iter(range(1, n_steps + 1))
     validation = {}
-    with BundleBuilder(out) as b:
+    with BundleBuilder(out, log=log) as b:
         for build, spec in fam.stages:
             log(f"[{next(step)}/{n_steps}] {spec.name}: export to ONNX (opset {spec.opset})")
             validation[spec.file] = export_and_validate(build(), spec, b.dir, log)

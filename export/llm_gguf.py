@@ -11,14 +11,15 @@ appears atomically.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .bundle import atomic_file, disk_nearly_full
 from .checkpoints import TensorIndex, read_added_tokens
 
 # Defaults of transformers' LlamaConfig, used when a (nested) text config
@@ -176,20 +177,6 @@ def check_shapes(cfg: Mapping[str, Any], plan: list[tuple[str, str, str | None]]
             raise ValueError(f"{hf_name}: shape {index.shape(hf_name)} but config implies {expected[kind]}")
 
 
-def make_temp_beside(out_path: Path) -> Path:
-    """An empty temp file in out_path's folder (same filesystem: os.replace is atomic)."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp_name)
-
-
-def publish(tmp: Path, out_path: Path) -> None:
-    """Give the temp file normal permissions (mkstemp makes 0600) and move it in place."""
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out_path)
-
-
 def add_metadata(writer: Any, cfg: Mapping[str, Any], name: str, file_type: int,
                  vocab: tuple[list[str], list[float], list[int], dict[str, int]]) -> None:
     """Write hyper-parameters and the SPM tokenizer as GGUF key/values."""
@@ -261,19 +248,13 @@ def write_llama_gguf(
     plan = plan_tensors(cfg, prefix, index.names())
     check_shapes(cfg, plan, index)
 
-    tmp = make_temp_beside(out_path)
-    writer = None
-    try:
+    with atomic_file(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch="llama")
-        n_bytes = _write_all(writer, cfg, name, dtype, out_dtype, plan, index,
-                             (tokens, scores, types, specials), progress, adjust)
-        writer.close()
-        publish(tmp, out_path)
-    except BaseException:
-        if writer is not None:
+        try:
+            n_bytes = _write_all(writer, cfg, name, dtype, out_dtype, plan, index,
+                                 (tokens, scores, types, specials), progress, adjust)
+        finally:
             writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return {
         "n_vocab": n_vocab,
         "n_embd": int(cfg["hidden_size"]),
@@ -331,18 +312,15 @@ def quantize_gguf(in_path: Path | str, out_path: Path | str, qtype: str = "Q4_K_
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
         raise FileNotFoundError(in_path)
-    tmp = make_temp_beside(out_path)
-    try:
+    with atomic_file(out_path) as tmp:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = FILE_TYPES[key]
         params.nthread = int(threads)  # 0 = llama.cpp picks hardware concurrency
         rc = llama_cpp.llama_model_quantize(str(in_path).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
+            if disk_nearly_full(tmp.parent):     # llama.cpp reports a failed write as rc 1 only
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
             raise RuntimeError(f"llama_model_quantize({in_path} -> {qtype}) failed with return code {rc}")
-        publish(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def list_gguf_tensors(path: Path | str) -> list[tuple[str, str, tuple[int, ...]]]:
