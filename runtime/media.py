@@ -236,6 +236,8 @@ def preprocess_depth(src, size: int = 224) -> np.ndarray:
     top = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}.get(img.mode)
     img, top = (img, top) if top else (img.convert("L"), 255.0)
     x = np.asarray(short_side_crop(img.convert("F"), size), np.float32) / np.float32(top)
+    if not np.all(np.isfinite(x)):       # a float TIFF may hold NaN / inf (or overflow the resize)
+        raise InputError(f"{name}: depth has NaN or infinite values")
     return x[None]
 
 
