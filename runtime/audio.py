@@ -130,9 +130,11 @@ def decode_audio(src) -> Waveform:
             raise InputError(f"{name}: {channels} channels (reads 1 to {MAX_AUDIO_CHANNELS})")
         if frames <= 0:
             raise InputError(f"{name}: audio has no samples")
-        if frames / rate > MAX_AUDIO_SECONDS or frames > MAX_AUDIO_SAMPLES:
-            raise InputError(f"{name}: {frames / rate:.1f} s at {rate} Hz is over the audio limit "
-                             f"({MAX_AUDIO_SECONDS:.0f} s, {MAX_AUDIO_SAMPLES} samples)")
+        if frames / rate > MAX_AUDIO_SECONDS:
+            raise InputError(f"{name}: {frames / rate:.1f} s is over the {MAX_AUDIO_SECONDS:.0f} s audio limit")
+        if frames > MAX_AUDIO_SAMPLES:
+            raise InputError(f"{name}: {frames} samples at {rate} Hz are over the {MAX_AUDIO_SAMPLES} sample "
+                             "audio limit (10 min at 96 kHz)")
         first, mix, total = [], [], 0
         block = max(1, (1 << 22) // channels)          # 16 MiB of float32 per block, any channel count
         try:
