@@ -175,31 +175,30 @@ def test_twenty_killed_exports_leave_a_usable_state(tiny_ckpt, bundle, tmp_path)
 
 
 def test_stale_partial_from_a_killed_run_is_removed_with_a_message(tmp_path):
-    from scops.export.bundle import BundleBuilder
+    from scops.export.bundle import atomic_dir            # what BundleBuilder writes through
     out = tmp_path / "b"
     stale = tmp_path / ".b.partial-abc123"
     stale.mkdir()
     (stale / "vision.onnx").write_bytes(b"half a file")
     said = []
-    with BundleBuilder(out, log=said.append) as b:
-        assert _leftovers(out) == [b.dir.name]               # only its own partial folder now
-        (b.dir / "x.bin").write_bytes(b"x")
-        b.add_file("x.bin", "raw")
-        b.commit({"family": "test"})
+    with atomic_dir(out, log=said.append) as tmp:
+        assert _leftovers(out) == [tmp.name]                 # only its own partial folder now
+        (tmp / "x.bin").write_bytes(b"x")
     assert said == ["removed .b.partial-abc123: left beside b by an interrupted export"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and (out / "x.bin").read_bytes() == b"x"
 
 
 def test_a_running_exports_partial_folder_is_left_alone(tmp_path):
-    from scops.export.bundle import BundleBuilder
+    from scops.export.bundle import atomic_dir
     out = tmp_path / "b"
-    with BundleBuilder(out, log=print) as first:
+    with atomic_dir(out, log=print) as first:
+        (first / "who").write_text("first")
         said = []
-        with BundleBuilder(out, log=said.append) as second:     # same target, while the first runs
-            second.commit({"family": "second"})
-        assert said == [] and first.dir.exists()
-        first.commit({"family": "first"})
-    assert json.loads((out / "manifest.json").read_text())["family"] == "first"
+        with atomic_dir(out, log=said.append) as second:       # same target, while the first runs
+            (second / "who").write_text("second")
+        assert said == [] and first.exists()
+        assert (out / "who").read_text() == "second"
+    assert (out / "who").read_text() == "first"                # the later commit replaced it whole
     assert _leftovers(out) == []
 
 
