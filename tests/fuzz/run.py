@@ -80,16 +80,21 @@ def fuzz_one(name: str, seconds: int, extra: list[str]) -> None:
     # runtime's own modules come through the editable install's import hook, which
     # instrument_imports cannot see through, so their functions are patched in place.
     # Native decoders (libpng, libsndfile, FFmpeg) are not instrumented: their callers are.
-    with atheris.instrument_imports(include=["PIL", "soundfile", "av"]):
+    with atheris.instrument_imports(include=["PIL", "soundfile", "av", "jsonschema"]):
         import PIL.Image
         PIL.Image.init()                               # every format plugin
         import av  # noqa: F401
+        import jsonschema  # noqa: F401
         import soundfile  # noqa: F401
     import scops.runtime.audio
+    import scops.runtime.bundle
+    import scops.runtime.contract
+    import scops.runtime.gguf_check
     import scops.runtime.media
     import scops.runtime.modalities
     import scops.runtime.preprocess
-    for mod in (scops.runtime.audio, scops.runtime.media, scops.runtime.modalities, scops.runtime.preprocess):
+    for mod in (scops.runtime.audio, scops.runtime.bundle, scops.runtime.contract, scops.runtime.gguf_check,
+                scops.runtime.media, scops.runtime.modalities, scops.runtime.preprocess):
         _instrument_module(atheris, mod)
     fn = TARGETS[name]
     work = WORK / name

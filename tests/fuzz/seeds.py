@@ -131,8 +131,18 @@ def imus() -> dict[str, bytes]:
             "wrong-shape.npy": npy(np.zeros((6, 10), np.float32))}
 
 
+def manifests() -> dict[str, bytes]:
+    import json
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from targets import mini_bundle
+    _, m = mini_bundle()
+    combined = {**m, "combine": {"op": "sum"}, "validation": {"vision.onnx": {"max_abs_diff": 1e-6}}}
+    return {"valid.json": json.dumps(m, indent=1).encode(), "compact.json": json.dumps(m).encode(),
+            "combine.json": json.dumps(combined, indent=1).encode()}
+
+
 def main() -> None:
-    makers = {"image": images, "audio": audios, "video": videos, "thermal": lambda: single_channel("thermal"),
+    makers = {"manifest": manifests, "image": images, "audio": audios, "video": videos, "thermal": lambda: single_channel("thermal"),
               "depth": lambda: single_channel("depth"), "imu": imus}
     for target, make in makers.items():
         d = CORPUS / target

@@ -11,6 +11,7 @@ the committed corpus in `make test`).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 # The preprocess records of shipped bundles (export/minigpt4.py BLIP2_IMAGE,
@@ -67,3 +68,94 @@ def media_target(kind: str) -> Callable[[bytes], None]:
 TARGETS: dict[str, Callable[[bytes], None]] = {k: media_target(k) for k in SPECS}
 # Largest input libFuzzer makes per target (bytes): room for a real small file of the kind.
 MAX_LEN = {"image": 65536, "audio": 65536, "video": 131072, "thermal": 32768, "depth": 32768, "imu": 65536}
+
+
+# ---- the manifest reader ---------------------------------------------------------------------------
+# A small bundle whose manifest the fuzzer rewrites: every file the runtime checks at open
+# (two ONNX graphs, one with external data; a projector; a GGUF) is real but tiny, so a
+# mutated manifest reaches the file, external-data, projector and GGUF checks.
+_BUNDLE: dict = {}
+
+
+def _write_mini_bundle(root: Path) -> dict:
+    """Write the files of a tiny bundle into `root`; return the manifest that describes them."""
+    import gguf
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from safetensors.numpy import save_file
+
+    from scops.runtime.bundle import sha256_file
+
+    def graph(name, inp, out, shape_in, shape_out, weight=None):
+        nodes, inits = [helper.make_node("Identity", [inp], [out])], []
+        if weight is not None:                       # an initializer the graph keeps in a side file
+            inits.append(numpy_helper.from_array(weight, "w"))
+            nodes = [helper.make_node("Add", [inp, "w"], [out])]
+        g = helper.make_graph(nodes, name, [helper.make_tensor_value_info(inp, TensorProto.FLOAT, shape_in)],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, shape_out)], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="scops-fuzz")
+
+    vision = graph("vision", "pixel_values", "image_embeds", ["batch", 8], ["batch", 8],
+                   weight=np.arange(8, dtype=np.float32))
+    onnx.save_model(vision, str(root / "vision.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="vision.onnx.data", size_threshold=0)
+    onnx.save_model(graph("qformer", "image_embeds", "query_output", ["batch", 8], ["batch", 8]),
+                    str(root / "qformer.onnx"))
+    save_file({"fc1.weight": np.ones((16, 8), np.float32), "fc1.bias": np.zeros(16, np.float32)},
+              str(root / "projector.safetensors"))
+    w = gguf.GGUFWriter(str(root / "llm.gguf"), arch="llama")
+    w.add_embedding_length(16)
+    w.add_tensor("token_embd.weight", np.zeros((32, 16), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    kinds = {"vision.onnx": "onnx", "vision.onnx.data": "onnx-data", "qformer.onnx": "onnx",
+             "projector.safetensors": "safetensors", "llm.gguf": "gguf"}
+    files = {n: {"kind": k, "bytes": (root / n).stat().st_size, "sha256": sha256_file(root / n)}
+             for n, k in kinds.items()}
+    return {
+        "schema": 1, "family": "minigpt4",
+        "llm": {"file": "llm.gguf", "quant": "F32", "n_embd": 16, "n_vocab": 32, "n_ctx_train": 64},
+        "template": {"system": "S", "user": "###Human: {content}", "assistant": "###Assistant: ",
+                     "answer": "{answer}", "media": {"image": "<Img><ImageHere></Img>"}, "media_sep": " ",
+                     "placeholder": "<ImageHere>", "bos": True, "stop": ["###"]},
+        "modalities": {"image": {"preprocess": SPECS["image"][0], "rows": 4, "stages": [
+            {"op": "onnx", "file": "vision.onnx", "inputs": {"pixel_values": "pixel_values"},
+             "output": "image_embeds"},
+            {"op": "onnx", "file": "qformer.onnx", "inputs": {"image_embeds": "image_embeds"},
+             "output": "query_output"},
+            {"op": "projector", "file": "projector.safetensors", "in_dim": 8, "out_dim": 16, "bias": True}]}},
+        "files": files,
+    }
+
+
+def mini_bundle() -> tuple[Path, dict]:
+    """(folder, valid manifest) of the tiny bundle, made once per process (on /dev/shm if there)."""
+    if not _BUNDLE:
+        import atexit
+        import shutil
+        import tempfile
+        shm = Path("/dev/shm")
+        root = Path(tempfile.mkdtemp(prefix="scops-fuzz-bundle-", dir=shm if shm.is_dir() else None))
+        atexit.register(shutil.rmtree, root, True)
+        _BUNDLE.update(root=root, manifest=_write_mini_bundle(root))
+    return _BUNDLE["root"], _BUNDLE["manifest"]
+
+
+def fuzz_manifest(data: bytes) -> None:
+    """manifest.json bytes -> open_bundle (contract, files, ONNX external data, projector
+    shapes, GGUF header): a Bundle or one BundleError."""
+    from scops.runtime.bundle import open_bundle
+    from scops.runtime.errors import BundleError
+    root, _ = mini_bundle()
+    (root / "manifest.json").write_bytes(data)
+    try:
+        open_bundle(root, verify=False)
+    except BundleError as e:
+        _check_message(e)
+
+
+TARGETS["manifest"] = fuzz_manifest
+MAX_LEN["manifest"] = 16384
