@@ -17,7 +17,7 @@ SCREENSHOT = "/tmp/scops_web.png"
 
 if not os.access(CHROMIUM, os.X_OK):
     pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is missing (pip install playwright)")
+from playwright import sync_api  # noqa: E402  (a test dependency)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_chat_page_shows_a_server_error(server, page):
 def test_chat_page_sends_an_audio_clip(page, tmp_path_factory):
     """With a bundle that hears (a tiny BuboGPT), the page takes a WAV clip as well."""
     import wave
-    fixtures = pytest.importorskip("scops.export.fixtures_bubogpt", reason="no BuboGPT fixture in this checkout")
+    from scops.export import fixtures_bubogpt as fixtures
     from scops.export.bubogpt import export_bubogpt
     from scops.runtime.server import Server, ServerOptions
     from scops.runtime.session import Session
