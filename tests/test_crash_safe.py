@@ -167,11 +167,13 @@ def test_killed_exports_leave_a_usable_state(tiny_ckpt, bundle, tmp_path):
 
 @pytest.mark.slow
 def test_twenty_killed_exports_leave_a_usable_state(tiny_ckpt, bundle, tmp_path):
+    # 28 kills at a random step + up to 0.5 s; a kill late in the last step may find the export
+    # done (counted apart): at least 20 must really interrupt one
     rng = random.Random(20)
-    plan = [(rng.choice(STEPS), rng.uniform(0, 1.5)) for _ in range(24)]
+    plan = [(rng.choice(STEPS), rng.uniform(0, 0.5)) for _ in range(28)]
     counts = kill_trials(tiny_ckpt, bundle, tmp_path, plan)
     print(counts)
-    assert 24 - counts["finished before the kill"] >= 20, counts
+    assert 28 - counts["finished before the kill"] >= 20, counts
 
 
 def test_stale_partial_from_a_killed_run_is_removed_with_a_message(tmp_path):
