@@ -93,7 +93,8 @@ def fuzz_one(name: str, seconds: int, extra: list[str]) -> None:
     import scops.runtime.media
     import scops.runtime.modalities
     import scops.runtime.preprocess
-    for mod in (scops.runtime.audio, scops.runtime.bundle, scops.runtime.contract, scops.runtime.gguf_check,
+    import scops.runtime.video
+    for mod in (scops.runtime.video, scops.runtime.audio, scops.runtime.bundle, scops.runtime.contract, scops.runtime.gguf_check,
                 scops.runtime.media, scops.runtime.modalities, scops.runtime.preprocess):
         _instrument_module(atheris, mod)
     fn = TARGETS[name]
