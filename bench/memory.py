@@ -2,7 +2,7 @@
 
     scops bench --shape minigpt4-7b --memory [--tokens 128] [--reps 3] [--out bench-out]
 
-Each profile (the default, and low-memory) runs in its own process
+Each profile (PROFILES: default, default with int8 encoders, low-memory) runs in its own process
 (`python -m scops.bench.memory --bundle B --profile P ...`): open the session, then `reps`
 image turns, each a new picture and a `tokens`-long answer (greedy, EOS ignored), then, for
 the low-memory profile, one more after its encoders were dropped as if idle. Around every
@@ -26,7 +26,11 @@ from pathlib import Path
 import numpy as np
 
 GIB = 2**30
-PROFILES = ("default", "low-memory")
+# default: SessionOptions as they are (the bundle's main encoders); default-int8: the same with
+# the int8 encoder variant, so that the low-memory profile's own cost (arena off, lazy
+# encoders, q8_0 KV, growing context) is told apart from what int8 encoders change.
+PROFILES = ("default", "default-int8", "low-memory")
+PROFILE_OPTIONS = {"default": {}, "default-int8": {"encoder_precision": "int8"}, "low-memory": {"low_memory": True}}
 TARGET_BYTES = 6 * 10**9      # the bar for minigpt4-7b: <= 6 GB, room for the OS on an 8 GB board
 
 
@@ -132,9 +136,9 @@ def run_profile(args) -> dict:
     llm_mod.Llm.sync = probe.wrap(lambda *a, **k: "prefill (turn)" if len(probe.stack) == 1 else "decode (warm-up)",
                                   llm_mod.Llm.sync)
 
-    options = {"n_ctx": args.n_ctx, "threads": args.threads}
+    options = {"n_ctx": args.n_ctx, "threads": args.threads, **PROFILE_OPTIONS[args.profile]}
     t0 = time.perf_counter()
-    session = session_mod.Session.open(args.bundle, low_memory=args.profile == "low-memory", **options)
+    session = session_mod.Session.open(args.bundle, **options)
     open_s = time.perf_counter() - t0
     turns = []
     images = bench_images(args.reps + 1)

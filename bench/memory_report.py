@@ -3,17 +3,16 @@ write memory.md (tables), memory.json and memory.png (peak RSS by part, per prof
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .memory import GIB, PROFILES, TARGET_BYTES
+from .run import describe_machine, run_worker
 
 Log = Callable[[str], None]
 PART_LABELS = {
@@ -33,14 +32,7 @@ def run_profile(profile: str, bundle: Path, o, log: Log) -> dict:
                "--reps", str(o.reps), "--tokens", str(o.tokens), "--threads", str(o.threads), "--out", str(out)]
         log(f"{profile}: {o.reps} image turns of {o.tokens} tokens, {o.threads} threads")
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        tail = deque(maxlen=15)
-        for line in proc.stderr:
-            tail.append(line.rstrip())
-            if line.startswith("  ["):
-                log(line.strip())
-        if proc.wait() != 0:
-            raise RuntimeError(f"memory worker {profile} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        run_worker(cmd, f"memory {profile}", log)
         result = json.loads(out.read_text())
     log(f"{profile}: peak RSS {result['peak_rss'] / GIB:.2f} GiB ({time.perf_counter() - t0:.0f}s)")
     return result
@@ -78,10 +70,13 @@ def render(result: dict) -> str:
                      f"({_g(r['anon_end'])} / {_g(r['file_end'])}) | {_ms(t['first'])} | {_ms(t['later_p50'])} | "
                      f"{_ms(t['after_drop'])} | {t['decode_tok_s']:.2f} | "
                      f"{_g((r.get('estimate') or {}).get('total'))} |")
-    if len(names) == 2:
-        a, b = (ttft_summary(runs[n]["turns"]) for n in names)
-        cost = [f"{k}: {b[k] / a[k]:.2f}x" for k in ("first", "later_p50") if a.get(k) and b.get(k)]
-        lines += ["", f"TTFT of {names[1]} against {names[0]}: " + ", ".join(cost)]
+    if "low-memory" in runs:
+        low = ttft_summary(runs["low-memory"]["turns"])
+        for n in [n for n in names if n != "low-memory"]:
+            base = ttft_summary(runs[n]["turns"])
+            cost = [f"{k.replace('_', ' ')} {low[k] / base[k]:.2f}x" for k in ("first", "later_p50")
+                    if base.get(k) and low.get(k)]
+            lines += ["", f"TTFT of low-memory against {n}: " + ", ".join(cost)]
     lines += ["", "Resident memory by part (GiB):", "",
               "| part | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for key, label in PART_LABELS.items():
@@ -128,7 +123,6 @@ def plot(result: dict, path: Path) -> None:
 
 def run_memory_bench(o, log: Log, command: str) -> str:
     """o: BenchOptions (resolved); returns the markdown written to o.out / memory.md."""
-    from .run import describe_machine
     from .shapes import SHAPES, ensure_bundle
 
     _, bundle = ensure_bundle(SHAPES[o.shape], o.encoder_precision, log)

@@ -4,7 +4,6 @@ the memory benchmark's worker."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -76,27 +75,27 @@ def test_idle_encoders_are_dropped_by_the_timer(bundle, photos):
         assert s.encoders.loaded() == [] and s.encoders.drops == 1
 
 
-def _with_variant(src, dst, variant_file, listed=True):
-    shutil.copytree(src, dst)
-    m = json.loads((dst / "manifest.json").read_text())
-    stage = next(st for st in m["modalities"]["image"]["stages"] if st.get("file") == "vision.onnx")
-    stage["variants"] = {"int8": variant_file}
-    if listed:
-        shutil.copy(dst / "vision.onnx", dst / variant_file)
-        m["files"][variant_file] = dict(m["files"]["vision.onnx"])
-    (dst / "manifest.json").write_text(json.dumps(m))
-    return dst
+def test_export_with_an_int8_variant_serves_both_profiles(tiny_ckpt, tmp_path, photos):
+    from scops.export.minigpt4 import export_minigpt4
 
-
-def test_int8_variant_is_the_low_memory_default(bundle, tmp_path, photos):
-    b = _with_variant(bundle(), tmp_path / "b", "vision.int8.onnx")
+    b = export_minigpt4(str(tiny_ckpt), tmp_path / "b", "Q4_K_M", log=lambda s: None, encoder_precision="fp32,int8")
+    m = json.loads((b / "manifest.json").read_text())
+    onnx = [st for st in m["modalities"]["image"]["stages"] if st["op"] == "onnx"]
+    assert [(st["file"], st["variants"]) for st in onnx] == [
+        ("vision.onnx", {"int8": "vision.int8.onnx"}), ("qformer.onnx", {"int8": "qformer.int8.onnx"})]
+    assert {"vision.onnx", "vision.int8.onnx", "qformer.int8.onnx"} <= set(m["files"])
+    acc = m["encoder_precision"]["variants"]["int8"]["accuracy"]
+    assert m["encoder_precision"]["precision"] == "fp32" and acc["rows"] > 0 and acc["cos_min"] > 0.9
     with Session.open(b, low_memory=True, warmup=False) as s:
-        s.chat().send(Q, images=[photos["cat"]], **greedy(1)).result()
-        assert s.encoders["image"].base[0].name == "vision.int8.onnx"
+        enc = s.encoders["image"]
+        assert [st.name for st in enc.base + enc.rest] == ["vision.int8.onnx", "qformer.int8.onnx"]
     with Session.open(b, warmup=False) as s:
-        assert s.encoders["image"].base[0].name == "vision.onnx"
+        enc = s.encoders["image"]
+        assert [st.name for st in enc.base + enc.rest] == ["vision.onnx", "qformer.onnx"]
+    m["modalities"]["image"]["stages"][0]["variants"]["fp16"] = "ghost.onnx"      # not in "files"
+    (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="not listed"):
-        Session.open(_with_variant(bundle(), tmp_path / "c", "ghost.onnx", listed=False))
+        Session.open(b)
 
 
 def test_bundle_too_big_for_free_memory_is_refused_at_open(bundle, monkeypatch, capsys):
@@ -122,3 +121,28 @@ def test_bundle_too_big_for_free_memory_is_refused_at_open(bundle, monkeypatch, 
 def _opts(low_memory):
     from scops.runtime.session import SessionOptions
     return SessionOptions(**{**(LOW_MEMORY if low_memory else {}), "low_memory": low_memory})
+
+
+def test_memory_bench_worker_and_report(bundle, tmp_path):
+    """`scops bench --memory`'s worker on the tiny bundle: stages in order, the lazy encoder
+    built inside the first encode and again after the idle drop, parts, and the report."""
+    from scops.bench.memory_report import plot, render
+
+    out = tmp_path / "low.json"
+    subprocess.run([sys.executable, "-m", "scops.bench.memory", "--bundle", str(bundle()), "--profile", "low-memory",
+                    "--reps", "1", "--tokens", "4", "--threads", "2", "--out", str(out)], check=True, timeout=600)
+    r = json.loads(out.read_text())
+    names = [(s["depth"], s["stage"]) for s in r["stages"]]
+    turn = [(1, "image encoder built (ONNX sessions)"), (0, "image encode (turn)"), (0, "prefill (turn)"),
+            (0, "decode (turn)")]
+    assert names[-9:] == turn + [(0, "encoders dropped as idle (image)")] + turn, names
+    assert r["kv_type"] == "q8_0" and r["n_ctx_final"] == LOW_MEMORY["n_ctx_start"]
+    assert [t["after_drop"] for t in r["turns"]] == [False, True] and all(t["n_tokens"] == 4 for t in r["turns"])
+    assert all(r["peak_rss"] >= s["peak"] >= s["rss_after"] > 0 for s in r["stages"])
+    assert r["parts"]["kv_cache"] > 0 and r["parts"]["media_cache"] == 2 * 32 * 64 * 4    # 2 pictures x [32, 64] fp32
+    result = {"shape": "tiny", "command": "scops bench --shape tiny --memory", "profiles": {"low-memory": r},
+              "machine": {"cpu": "test", "cores": 2, "ram_gib": 1}}
+    md = render(result)
+    assert "| low-memory | " in md and "encoders dropped as idle (image)" in md
+    plot(result, tmp_path / "memory.png")
+    assert (tmp_path / "memory.png").stat().st_size > 0
