@@ -23,7 +23,8 @@ def greedy(n, **kw):
 
 def test_growing_context_gives_the_same_tokens(bundle, photos):
     exact = dict(kv_type="f32", flash_attn="off", n_ctx=1024, warmup=False)
-    turns = [(Q, dict(images=[photos["cat"]]), 150), ("And then?", {}, 200)]
+    long_q = " ".join(["Describe the colours, the shapes and the light of this picture."] * 12)  # ~250 tokens
+    turns = [(long_q, dict(images=[photos["cat"]]), 12), (long_q, {}, 12)]
     with Session.open(bundle("F32"), **exact) as full:
         conv = full.chat()
         want = [conv.send(q, **m, **greedy(n, ignore_stop=True)).result().token_ids for q, m, n in turns]
