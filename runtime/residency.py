@@ -52,6 +52,7 @@ class Encoders:
             for m in self._names:
                 self._loaded[m] = build(m)
                 self.loads += 1
+            release_heap()
 
     def __contains__(self, modality) -> bool:
         return modality in self._busy
@@ -94,6 +95,7 @@ class Encoders:
                 t0 = time.perf_counter()
                 enc = self._loaded[modality] = self._build(modality)
                 self.loads += 1
+                release_heap()           # what onnxruntime read the graphs into, before their tensors
                 log.debug("%s encoder loaded in %.0f ms", modality, (time.perf_counter() - t0) * 1e3)
             self._busy[modality] += 1
         try:
