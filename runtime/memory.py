@@ -11,7 +11,6 @@ one (a container's limit, which MemAvailable does not show).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .errors import BundleError
@@ -76,6 +75,15 @@ def kv_bytes(shape: dict, n_ctx: int, kv_type: str) -> int:
     return int(n_ctx * shape["n_layer"] * 2 * width * KV_BYTES.get(kv_type, 2.0))
 
 
+def llm_in_ram(opts) -> bool:
+    """Whether the LLM's weights and KV cache live in RAM: on CPU, and on a Jetson, whose GPU
+    shares it; not when layers go to a discrete GPU (then VRAM is what they need)."""
+    if opts.n_gpu_layers == 0:
+        return True
+    import llama_cpp
+    return not llama_cpp.llama_supports_gpu_offload() or Path("/etc/nv_tegra_release").exists()
+
+
 def estimate(bundle, opts, kv_type: str) -> dict:
     """Bytes the session will hold at its peak (an image turn), by part; kv_type as resolved."""
     from .encode import stage_file
@@ -85,9 +93,10 @@ def estimate(bundle, opts, kv_type: str) -> dict:
     files = {stage_file(st, opts.encoder_precision) for spec in bundle.modalities.values()
              for st in spec["stages"] if st["op"] == "onnx"}
     enc = sum(_file_bytes(bundle.file(f)) for f in files)
+    in_ram = llm_in_ram(opts)
     parts = {
-        "llm": bundle.llm_path.stat().st_size,
-        "kv": kv_bytes(shape, n_ctx, kv_type),
+        "llm": bundle.llm_path.stat().st_size if in_ram else 0,
+        "kv": kv_bytes(shape, n_ctx, kv_type) if in_ram else 0,
         "encoders": int(enc * (1 + ARENA_FRACTION[bool(opts.onnx_arena)])),
         "runtime": RUNTIME_BASE + COMPUTE_PER_BATCH_ROW * opts.n_batch,
     }
@@ -135,9 +144,3 @@ def check_fits(bundle, opts, kv_type: str) -> dict:
     return need
 
 
-def process_rss() -> int:
-    """This process's resident set now (bytes)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, IndexError, ValueError):
-        return 0
