@@ -78,7 +78,7 @@ def kv_bytes(shape: dict, n_ctx: int, kv_type: str) -> int:
 def llm_in_ram(opts) -> bool:
     """Whether the LLM's weights and KV cache live in RAM: on CPU, and on a Jetson, whose GPU
     shares it; not when layers go to a discrete GPU (then VRAM is what they need)."""
-    if opts.n_gpu_layers == 0:
+    if opts.n_gpu_layers == 0 or getattr(opts, "device", "auto") == "cpu":
         return True
     import llama_cpp
     return not llama_cpp.llama_supports_gpu_offload() or Path("/etc/nv_tegra_release").exists()
