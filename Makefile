@@ -14,7 +14,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_T
 KERNEL_SRC := CMakeLists.txt $(wildcard kernels/*.h kernels/*.c kernels/*.cpp kernels/*.cu kernels/CMakeLists.txt)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow fuzz demo clean system-deps gpu-hint
+.PHONY: setup test test-slow test-arm64 fuzz demo clean system-deps gpu-hint
 GPU ?= 0
 ifeq ($(GPU),1)
 setup: $(VENV)/.stamp-pkg $(VENV)/.stamp-gpu
@@ -72,11 +72,13 @@ gpu-hint:
 	@if [ -n "$(HAVE_GPU)" ] && [ -n "$(NVCC)" ] && [ ! -f $(VENV)/.stamp-gpu ]; then \
 	  echo "NVIDIA GPU and nvcc found: 'make setup GPU=1' installs onnxruntime-gpu and builds llama.cpp with CUDA"; fi
 
-# Debian packages the tests drive: Chromium (the web page test, via Playwright) and
-# espeak-ng (real speech for the audio tests). Without root or apt those tests skip.
-SYSTEM_DEPS := chromium espeak-ng
+# Debian packages the tests drive (command:package): Chromium (the web page test, via
+# Playwright), espeak-ng (real speech for the audio tests), the aarch64 cross compiler and
+# qemu-user (the NEON projector's C tests under emulation). Without root or apt those tests
+# skip, and say why (pytest -rs).
+SYSTEM_DEPS := chromium:chromium espeak-ng:espeak-ng aarch64-linux-gnu-g++:g++-aarch64-linux-gnu qemu-aarch64:qemu-user
 system-deps:
-	@missing=""; for p in $(SYSTEM_DEPS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for d in $(SYSTEM_DEPS); do command -v $${d%%:*} >/dev/null || missing="$$missing $${d#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing (apt-get)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
@@ -84,7 +86,12 @@ system-deps:
 	fi
 
 test: setup system-deps
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -rs $(PYTEST_ARGS)
+
+# The projector cross-built for aarch64 (NEON) and its C tests run under qemu-user, every
+# shape (make test runs the quick version). Fails if the cross tools cannot be installed.
+test-arm64: system-deps
+	bash kernels/check_arm64.sh
 
 # the long checks (marked `slow`): repeated kill trials, long conversations, ...
 test-slow: setup system-deps

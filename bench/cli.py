@@ -18,6 +18,8 @@ from pathlib import Path
 
 from .shapes import SHAPES
 
+MEMORY_TOKENS = 128          # the answer length of a memory run's image turns
+
 
 def _log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -35,7 +37,7 @@ def _peers(text: str) -> tuple:
 
 def reproduce_command(args) -> str:
     parts = ["scops bench"] + (["--device cuda"] if args.device == "cuda" else []) + \
-        (["--rehearse"] if args.rehearse else []) + [f"--shape {args.shape}"]
+        (["--rehearse"] if args.rehearse else []) + [f"--shape {args.shape}"] + (["--memory"] if args.memory else [])
     if args.vs:
         parts.append(f"--vs {','.join(args.vs)}")
     parts += [f"--reps {args.reps}", f"--tokens {args.tokens}", f"--threads {args.threads}",
@@ -56,12 +58,22 @@ def cmd_bench(args) -> int:
     if args.rehearse and args.device != "cuda":
         raise SystemExit("scops bench: --rehearse rehearses the GPU run: give it with --device cuda")
     device = "cpu" if args.rehearse else args.device
+    if args.memory:       # image turns with a 128-token answer; the default profile runs fp32 encoders
+        args.tokens = args.tokens or MEMORY_TOKENS     # as `scops export` makes them, low-memory the int8 variant
+        args.encoder_precision = args.encoder_precision or "fp32,int8"
     opts = BenchOptions(args.shape, tuple(args.vs), args.reps, args.tokens, args.threads,
                         args.encoder_precision or "", Path(args.out), device, args.rehearse).resolved()
     args.reps, args.tokens, args.threads = opts.reps, opts.tokens, opts.threads
     args.encoder_precision = opts.encoder_precision
     command = reproduce_command(args)
     _log(f"{command}")
+    if args.memory:
+        from .memory_report import run_memory_bench
+        t0 = time.perf_counter()
+        print(run_memory_bench(opts, _log, command))
+        print(f"reproduce: {command}")
+        print(f"wrote {opts.out / 'memory.md'}, memory.json, memory.png ({time.perf_counter() - t0:.0f}s)")
+        return 0
     result = run_bench(opts, _log)
     md = write_report(result, opts.out, command)
     print(md)
@@ -84,11 +96,14 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--reps", type=int, default=0, help="timed repetitions after one warm-up (0: shape default)")
     p.add_argument("--tokens", type=int, default=0, help="decode length, EOS ignored (0: shape default)")
     p.add_argument("--threads", type=int, default=0, help="threads for every system (0: one per core)")
-    p.add_argument("--encoder-precision", default=None, choices=["fp32", "fp16", "int8"],
-                   help="default: int8 on the CPU, fp16 with --device cuda")
+    p.add_argument("--encoder-precision", default=None, metavar="fp32|fp16|int8[,VARIANT]",
+                   help="default: int8 on the CPU, fp16 with --device cuda; with --memory fp32,int8 (the "
+                        "default profile runs fp32 as `scops export` makes it, low-memory the int8 variant)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--rehearse", action="store_true",
                    help="with --device cuda: run the GPU plan (peers, keys, report) on the CPU")
     p.add_argument("--steps", type=int, default=0, help="emu shapes: denoising steps (0: 20)")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
+    p.add_argument("--memory", action="store_true",
+                   help="peak RSS by stage through image turns: default vs low-memory profile (--vs ignored)")
     p.set_defaults(fn=cmd_bench)

@@ -132,6 +132,19 @@ def stage_io(manifest: dict) -> dict:
     return out
 
 
+def run_worker(cmd: list, name: str, log: Log) -> None:
+    """Run a bench worker process; its progress lines ("  [...") go to the log as they come,
+    the rest (llama.cpp's loader chatter) only into the error raised if it fails."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tail = deque(maxlen=15)
+    for line in proc.stderr:
+        tail.append(line.rstrip())
+        if line.startswith("  ["):
+            log(line.strip())
+    if proc.wait() != 0:
+        raise RuntimeError(f"bench worker {name} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
 def run_system(system: str, bundle: Path, ckpt: Path, o: BenchOptions, log: Log) -> dict:
     """python -m scops.bench.peers SYSTEM ... in a fresh process (its own peak RSS and VRAM)."""
     from .vram import VramSampler
@@ -144,15 +157,7 @@ def run_system(system: str, bundle: Path, ckpt: Path, o: BenchOptions, log: Log)
         log(f"{system}: 1 warm-up + {o.reps} repetitions, {o.tokens} tokens, {o.threads} threads, {o.device}")
         t0 = time.perf_counter()
         with VramSampler() as vram:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            tail = deque(maxlen=15)
-            for line in proc.stderr:           # streamed: the worker's progress shows as it happens
-                tail.append(line.rstrip())
-                if line.startswith("  ["):      # llama.cpp's loader chatter is dropped
-                    log(line.strip())
-            rc = proc.wait()
-        if rc != 0:
-            raise RuntimeError(f"bench worker {system} failed (exit {rc}):\n" + "\n".join(tail))
+            run_worker(cmd, system, log)
         result = json.loads(out.read_text())
     result["peak_vram_bytes"] = vram.peak_bytes if o.device == "cuda" else None
     v = "" if result["peak_vram_bytes"] is None else f", peak VRAM {result['peak_vram_bytes'] / 1e9:.2f} GB"

@@ -196,7 +196,7 @@ def ensure_bundle(shape: BenchShape, precision: str, log: Log, quant: str = "Q4_
     if not (ckpt / "model.safetensors.index.json").exists():
         log(f"building the {shape.name} checkpoint (random weights) in {ckpt}")
         write_checkpoint(shape.model, ckpt, log)
-    bundle = root / f"bundle-{quant}-{precision}"
+    bundle = root / f"bundle-{quant}-{precision.replace(',', '+')}"
     if not (bundle / "manifest.json").exists():
         log(f"exporting the {shape.name} bundle ({quant}, encoders {precision}) to {bundle}")
         export_minigpt4(str(ckpt), bundle, quant, log=lambda s: log("  " + s), encoder_precision=precision)

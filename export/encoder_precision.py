@@ -21,12 +21,12 @@ from typing import Callable
 
 import numpy as np
 
+from .onnx_stages import EXTERNAL_DATA_BYTES
+
 PRECISIONS = ("fp32", "fp16", "int8")
 # Accuracy bar per precision: every projected row keeps at least this cosine vs fp32.
 # fp16 must be near-lossless (0.999, refused below); int8 trades more for CPU speed (recorded).
 MIN_COSINE = {"fp16": 0.999, "int8": 0.99}
-# Graphs above this size keep their weights in a side file (protobuf's 2 GiB limit).
-EXTERNAL_DATA_BYTES = 1 << 30
 # Ops left in fp32 by the fp16 conversion: the norms (fp16 variance overflows) and softmax
 # (exp of large logits overflows).
 FP16_KEEP_FP32 = ["LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "Softmax"]
@@ -60,7 +60,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
     try:
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
                          weight_type=QuantType.QInt8, per_channel=False,
-                         use_external_data_format=_size(src) // 4 > EXTERNAL_DATA_BYTES,
+                         use_external_data_format=_size(src) // 4 > EXTERNAL_DATA_BYTES,   # int8: 1/4 of fp32
                          extra_options={"MatMulConstBOnly": True})
     finally:
         root.setLevel(level)

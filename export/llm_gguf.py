@@ -33,6 +33,7 @@ _LLAMA_DEFAULTS = {
 # llama.cpp ``llama_ftype`` values (LLAMA_FTYPE_MOSTLY_*), also GGUF general.file_type.
 FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K_M": 15}
 QUANT_TYPES = ("Q4_K_M", "Q8_0", "F16")  # targets accepted by quantize_gguf
+F16_MAX = 65504.0  # largest finite IEEE half: (2 - 2^-10) * 2^15
 
 # Per-layer HF sub-names -> llama.cpp tensor names (suffix ".weight" on both).
 _LAYER_TENSORS = (
@@ -140,6 +141,9 @@ def convert_tensor(w: np.ndarray, rotary: str | None, cfg: Mapping[str, Any], ou
     elif rotary == "k":
         w = permute_rotary(w, cfg["num_key_value_heads"])
     target = out_dtype if w.ndim == 2 else np.dtype(np.float32)
+    if target == np.float16 and w.size and float(np.abs(w).max()) > F16_MAX:
+        raise ValueError(f"a weight exceeds fp16's range ({float(np.abs(w).max()):.3g} > {F16_MAX:g}); "
+                         "export with --quant F32")
     return np.ascontiguousarray(w.astype(target, copy=False))
 
 

@@ -8,9 +8,9 @@ Usage (the runtime)::
     proj.forward(x, out=embd_view)    # x [rows, 768] fp32; out [rows, 4096] fp32, written in place
     proj.close()
 
-Backends: "cuda" (libscops_kernels_cuda.so, when it loads and a GPU exists), "cpu-avx2" /
-"cpu-scalar" (libscops_kernels.so), "numpy" (kernels/reference.py; used when no native
-library loads).  The library is looked up in $SCOPS_KERNELS_LIB (full path), next to this
+Backends: "cuda" (libscops_kernels_cuda.so, when it loads and a GPU exists), "cpu-avx2"
+(x86-64) / "cpu-neon" (aarch64) / "cpu-scalar" (libscops_kernels.so; "cpu" picks the best of
+them), "numpy" (kernels/reference.py; used when no native library loads).  The library is looked up in $SCOPS_KERNELS_LIB (full path), next to this
 file, then in <platlib>/scops/kernels/ (where the editable install puts it).
 C API: kernels/projector.h.  Twins: reference.py, projector_cpu.cpp, projector_cuda.cu.
 """
@@ -35,7 +35,8 @@ _LOG = logging.getLogger("scops")
 _ABI = 1  # SCOPS_PROJECTOR_ABI in projector.h
 _GELU = {"none": 0, "erf": 1, "tanh": 2}
 _DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
-_BACKEND_CODES = {"auto": 0, "cpu": 1, "cuda": 2, "cpu-scalar": 3, "cpu-avx2": 1}
+_BACKEND_CODES = {"auto": 0, "cpu": 1, "cuda": 2, "cpu-scalar": 3, "cpu-avx2": 1, "cpu-neon": 1}
+_SIMD_BACKENDS = ("cpu-avx2", "cpu-neon")    # "cpu" with a check that this path is the one in use
 _MAX_THREADS = 256  # kMaxThreads in projector_api.cpp
 _logged = False
 
@@ -254,7 +255,7 @@ class Projector:
 
     @classmethod
     def create(cls, spec: ProjectorSpec, weights: dict, backend: str = "auto", threads: int = 0) -> "Projector":
-        if backend not in ("auto", "cuda", "cpu", "cpu-avx2", "cpu-scalar", "numpy"):
+        if backend not in _BACKEND_CODES and backend != "numpy":
             raise KernelError(f"unknown backend {backend!r}")
         if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or not 0 <= threads <= _MAX_THREADS:
             raise KernelError(f"threads must be an int in [0, {_MAX_THREADS}], got {threads!r}")
@@ -278,9 +279,9 @@ class Projector:
                     raise proj
                 reasons.append(str(proj))
                 continue
-            if backend == "cpu-avx2" and proj.backend != "cpu-avx2":
+            if backend in _SIMD_BACKENDS and proj.backend != backend:
                 proj.close()
-                raise KernelError(f"cpu-avx2 requested but this CPU offers {lib.scops_cpu_features().decode()}")
+                raise KernelError(f"{backend} requested but this build/CPU offers {lib.scops_cpu_features().decode()}")
             skipped = f"; skipped: {'; '.join(reasons)}" if reasons else ""
             _log_backend_once(f"backend {proj.backend} ({where}, threads={threads or os.cpu_count()}{skipped})")
             return proj

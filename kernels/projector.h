@@ -9,10 +9,11 @@
  * The output rows are written straight into the caller's buffer y [rows, out_dim].
  *
  * Two shared libraries implement this header:
- *   libscops_kernels.so       CPU only (AVX2/FMA/F16C dispatched at run time, scalar fallback)
+ *   libscops_kernels.so       CPU only (x86-64: AVX2/FMA/F16C dispatched at run time; aarch64:
+ *                             NEON; scalar fallback everywhere)
  *   libscops_kernels_cuda.so  the same CPU code plus the CUDA backend (built when nvcc is found)
  * Build: `pip install --no-build-isolation --no-deps -e .` (CMake via scikit-build-core).
- * Twins: kernels/reference.py (numpy reference), projector_cpu.cpp, projector_cuda.cu.
+ * Twins: kernels/reference.py (numpy reference), projector_cpu.cpp (+ _avx2, _neon), projector_cuda.cu.
  *
  * All argument checks happen in the entry points below; bad arguments give an error
  * status, never a crash.  A projector handle may be used by one thread at a time.
@@ -53,7 +54,7 @@ typedef enum scops_gelu { SCOPS_GELU_NONE = 0, SCOPS_GELU_ERF = 1, SCOPS_GELU_TA
 typedef enum scops_dtype { SCOPS_DTYPE_F32 = 0, SCOPS_DTYPE_F16 = 1 } scops_dtype;
 typedef enum scops_backend {
     SCOPS_BACKEND_AUTO = 0,       /* CUDA if compiled in and a device exists, else best CPU */
-    SCOPS_BACKEND_CPU = 1,        /* best CPU path (AVX2 if the CPU has it, else scalar) */
+    SCOPS_BACKEND_CPU = 1,        /* best CPU path (AVX2 or NEON where the CPU has it, else scalar) */
     SCOPS_BACKEND_CUDA = 2,
     SCOPS_BACKEND_CPU_SCALAR = 3  /* portable path, for testing */
 } scops_backend;
@@ -108,9 +109,10 @@ SCOPS_API scops_status scops_host_alloc(int64_t bytes, void** out);
 SCOPS_API void scops_host_free(void* p); /* NULL is a no-op */
 
 SCOPS_API const char* scops_status_string(int32_t status); /* never NULL */
-/* "cpu-avx2" | "cpu-scalar" | "cuda"; "invalid" for NULL. */
+/* "cpu-avx2" | "cpu-neon" | "cpu-scalar" | "cuda"; "invalid" for NULL. */
 SCOPS_API const char* scops_projector_backend_name(const scops_projector* h);
-/* SIMD path the CPU backend picks on this machine: "avx2+fma+f16c" or "scalar". */
+/* SIMD path the CPU backend picks on this machine: "avx2+fma+f16c" (x86-64), "neon"
+ * (aarch64) or "scalar". */
 SCOPS_API const char* scops_cpu_features(void);
 /* Number of usable CUDA devices; 0 in the CPU-only library or without a GPU. */
 SCOPS_API int32_t scops_cuda_available(void);

@@ -163,7 +163,7 @@ const char* scops_projector_backend_name(const scops_projector* h) {
     return h ? h->name() : "invalid";
 }
 
-const char* scops_cpu_features(void) { return scops::cpu_has_avx2() ? "avx2+fma+f16c" : "scalar"; }
+const char* scops_cpu_features(void) { return scops::cpu_path_features(scops::best_cpu_path()); }
 
 int32_t scops_cuda_available(void) { return scops::cuda_device_count(); }
 

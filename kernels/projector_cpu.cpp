@@ -4,8 +4,11 @@
 // the bytes streamed); each forward runs up to four phases on a persistent thread pool
 // (work_pool.h): LayerNorm (chunks of rows), Linear1 and Linear2 (chunks of weight panels),
 // L2 (chunks of rows).  Partitioning never changes the order of any reduction, so results
-// are bit-identical for every thread count.  The AVX2/FMA/F16C linear kernel lives in projector_cpu_avx2.cpp
-// and is chosen at run time with __builtin_cpu_supports; the scalar one is below.
+// are bit-identical for every thread count.  The linear layer has one SIMD path per
+// architecture, compiled only there (kernels/CMakeLists.txt): AVX2/FMA/F16C on x86-64
+// (projector_cpu_avx2.cpp, chosen at run time with __builtin_cpu_supports) and NEON on
+// aarch64 (projector_cpu_neon.cpp; part of the base ISA, confirmed with HWCAP_ASIMD).
+// The scalar one below is the floor everywhere and the plain reference of both.
 // Allocation happens at create; forward allocates only when rows exceeds every earlier
 // call and the create-time max_rows (the scratch then grows and stays).
 // Build: part of libscops_kernels.so (`pip install --no-build-isolation --no-deps -e .`).
@@ -14,6 +17,9 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+#if defined(SCOPS_HAVE_NEON) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
 
 #include "projector_cpu_kernels.h"
 #include "projector_internal.h"
@@ -21,14 +27,26 @@
 
 namespace scops {
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
+CpuPath best_cpu_path() {
+#if defined(SCOPS_HAVE_AVX2)
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-#else
-    return false;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return CpuPath::kAvx2;
+#elif defined(SCOPS_HAVE_NEON)
+#if defined(__linux__) && defined(HWCAP_ASIMD)
+    if (!(getauxval(AT_HWCAP) & HWCAP_ASIMD)) return CpuPath::kScalar;
 #endif
+    return CpuPath::kNeon;
+#endif
+    return CpuPath::kScalar;
+}
+
+const char* cpu_path_features(CpuPath p) {
+    return p == CpuPath::kAvx2 ? "avx2+fma+f16c" : p == CpuPath::kNeon ? "neon" : "scalar";
+}
+
+const char* cpu_path_backend(CpuPath p) {
+    return p == CpuPath::kAvx2 ? "cpu-avx2" : p == CpuPath::kNeon ? "cpu-neon" : "cpu-scalar";
 }
 
 namespace cpu {
@@ -120,8 +138,8 @@ using cpu::kPanel;
 
 class CpuProjector final : public scops_projector {
    public:
-    CpuProjector(const Spec& s, bool avx2)
-        : s_(s), avx2_(avx2), pool_(s.threads) {  // pool_ is declared last: it stops first
+    CpuProjector(const Spec& s, CpuPath path)
+        : s_(s), path_(path), pool_(s.threads) {  // pool_ is declared last: it stops first
         out_dim = s.out;
         const size_t elem = s.dtype == SCOPS_DTYPE_F16 ? 2 : 4;
         n1_ = s.fc1_out();
@@ -140,7 +158,7 @@ class CpuProjector final : public scops_projector {
         s_.ln_w = s_.ln_b = s_.b1 = s_.b2 = nullptr;
         s_.w1 = s_.w2 = nullptr;
     }
-    const char* name() const override { return avx2_ ? "cpu-avx2" : "cpu-scalar"; }
+    const char* name() const override { return cpu_path_backend(path_); }
 
     scops_status forward(const float* x, int64_t rows, float* y) override {
         if (rows > cap_rows_) reserve_rows(rows);
@@ -191,8 +209,15 @@ class CpuProjector final : public scops_projector {
     }
     static void gemm_phase(void* ctx, int /*tid*/, int64_t p0, int64_t p1) {
         auto* self = static_cast<CpuProjector*>(ctx);
-        if (self->avx2_) cpu::gemm_panels_avx2(self->job_, p0, p1);
-        else cpu::gemm_panels_scalar(self->job_, p0, p1);
+        switch (self->path_) {
+#if defined(SCOPS_HAVE_AVX2)
+            case CpuPath::kAvx2: cpu::gemm_panels_avx2(self->job_, p0, p1); return;
+#endif
+#if defined(SCOPS_HAVE_NEON)
+            case CpuPath::kNeon: cpu::gemm_panels_neon(self->job_, p0, p1); return;
+#endif
+            default: cpu::gemm_panels_scalar(self->job_, p0, p1); return;
+        }
     }
     // LayerNorm over in_dim per row: two passes in double (mean, then variance).
     static void layernorm_phase(void* ctx, int /*tid*/, int64_t r0, int64_t r1) {
@@ -224,7 +249,7 @@ class CpuProjector final : public scops_projector {
     }
 
     Spec s_;
-    bool avx2_;
+    CpuPath path_;
     int64_t n1_ = 0, cap_rows_ = 0;
     std::vector<uint8_t> w1_, w2_;  // packed panels
     std::vector<float> b1_, b2_, lnw_, lnb_;
@@ -238,7 +263,7 @@ class CpuProjector final : public scops_projector {
 }  // namespace
 
 scops_status create_cpu_projector(const Spec& s, bool force_scalar, scops_projector** out) {
-    *out = new CpuProjector(s, !force_scalar && cpu_has_avx2());
+    *out = new CpuProjector(s, force_scalar ? CpuPath::kScalar : best_cpu_path());
     return SCOPS_OK;
 }
 

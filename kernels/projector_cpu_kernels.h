@@ -1,13 +1,15 @@
-// projector_cpu_kernels.h -- what projector_cpu.cpp (orchestration, scalar path) and
-// projector_cpu_avx2.cpp (AVX2/FMA/F16C path) share.  Plain declarations only: no inline
-// code here, so no function compiled with -mavx2 can leak into the scalar library code.
+// projector_cpu_kernels.h -- what projector_cpu.cpp (orchestration, scalar path) and the
+// SIMD paths (projector_cpu_avx2.cpp on x86-64, projector_cpu_neon.cpp on aarch64) share.
+// Plain declarations only: no inline code here, so no function compiled with -mavx2 can
+// leak into the scalar library code.
 #pragma once
 #include <cstdint>
 
 namespace scops {
 namespace cpu {
 
-// Packed weight panel width: 16 output columns = two AVX2 vectors of 8 floats.
+// Packed weight panel width: 16 output columns = two AVX2 vectors of 8 floats = four NEON
+// vectors of 4.
 constexpr int kPanel = 16;
 // K block: a 16-column fp32 panel chunk of 256 k is 16 KiB, half of a 32 KiB L1d.
 constexpr int64_t kKc = 256;
@@ -38,7 +40,8 @@ struct GemmJob {
 };
 
 void gemm_panels_scalar(const GemmJob& job, int64_t p0, int64_t p1);
-void gemm_panels_avx2(const GemmJob& job, int64_t p0, int64_t p1);
+void gemm_panels_avx2(const GemmJob& job, int64_t p0, int64_t p1);  // x86-64 builds only
+void gemm_panels_neon(const GemmJob& job, int64_t p0, int64_t p1);  // aarch64 builds only
 
 }  // namespace cpu
 }  // namespace scops

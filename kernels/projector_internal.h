@@ -43,6 +43,11 @@ scops_status create_cuda_projector(const Spec& s, scops_projector** out);
 int cuda_device_count();
 scops_status cuda_host_alloc(size_t bytes, void** out);
 void cuda_host_free(void* p);
-bool cpu_has_avx2();
+// The SIMD path the CPU backend uses on this machine: compiled in (CMake picks AVX2 on
+// x86-64, NEON on aarch64) and offered by the CPU; the scalar path is the floor everywhere.
+enum class CpuPath { kScalar, kAvx2, kNeon };
+CpuPath best_cpu_path();
+const char* cpu_path_features(CpuPath p);  // "avx2+fma+f16c" | "neon" | "scalar"
+const char* cpu_path_backend(CpuPath p);   // "cpu-avx2" | "cpu-neon" | "cpu-scalar"
 
 }  // namespace scops

@@ -76,6 +76,8 @@ class WorkPool {
     static void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
         __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
 #endif
     }
     // Claims and runs chunks of generation g until none is left.

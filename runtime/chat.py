@@ -139,9 +139,9 @@ class Conversation:
         user = Message("user", text, refs)
         self._forget_unused_media([user])
         cells = self._cells(self.messages + [user])
-        if len(cells) >= self.session.llm.n_ctx:
+        if len(cells) >= self.session.llm.n_ctx_max:
             raise PromptTooLong(f"the conversation needs {len(cells)} positions but the context holds "
-                                f"{self.session.llm.n_ctx}; shorten the prompt or start a new chat")
+                                f"{self.session.llm.n_ctx_max}; shorten the prompt or start a new chat")
         return Reply(self, user, cells, opts, timings, time.perf_counter() - t0)
 
 
@@ -201,6 +201,7 @@ class Reply:
         try:
             t0 = time.perf_counter()
             fill = _fill_from(session, self.conv._media)
+            llm.reserve(min(len(self.cells) + self.opts.max_tokens, llm.n_ctx_max))   # prompt + answer
             reused, decoded = llm.sync(self.cells, fill)
             session.stats.cells_reused += reused
             session.stats.cells_decoded += decoded

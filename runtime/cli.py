@@ -21,7 +21,8 @@ GIBBERISH_NOTE = "(the demo model has random weights: its answer is gibberish by
 def _session(args):
     from .session import Session
     return Session.open(args.bundle, n_ctx=args.n_ctx, threads=args.threads, verify=not args.no_verify,
-                        kv_type=args.kv_type, device=args.device, n_gpu_layers=args.n_gpu_layers)
+                        kv_type=args.kv_type, device=args.device, n_gpu_layers=args.n_gpu_layers,
+                        low_memory=args.low_memory)
 
 
 def _sampling(args) -> dict:
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--n-ctx", type=int, default=2048)
         p.add_argument("--threads", type=int, default=0)
         p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
-        add_kv_type(p)
+        add_memory_args(p)
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="auto: the NVIDIA GPU when one is there (onnxruntime-gpu, llama.cpp built with CUDA)")
         p.add_argument("--n-gpu-layers", type=int, default=None,
@@ -301,16 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the LLM's HF folder, when it is not the one LLaMA folder inside --from")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16", "F32"])
-    p.add_argument("--encoder-precision", default="fp32", choices=["fp32", "fp16", "int8"],
-                   help="precision of the ONNX encoders (accuracy vs fp32 measured into the manifest)")
+    p.add_argument("--encoder-precision", default="fp32", metavar="fp32|fp16|int8[,VARIANT...]",
+                   help="precision of the ONNX encoders (accuracy vs fp32 measured into the manifest); "
+                        "more after a comma are kept as variants, e.g. fp32,int8: int8 for --low-memory")
     p.set_defaults(fn=cmd_export)
     return ap
 
 
-def add_kv_type(p) -> None:
-    p.add_argument("--kv-type", choices=["auto", "f16", "f32"], default="auto",
+def add_memory_args(p) -> None:
+    """--low-memory and --kv-type: the memory options of every command that opens a bundle."""
+    p.add_argument("--low-memory", action="store_true",
+                   help="8 GB boards: ONNX arena off, encoders loaded on use and dropped after 30 s idle, "
+                        "int8 encoders where the bundle has them, q8_0 KV cache sized to the conversation")
+    p.add_argument("--kv-type", choices=["auto", "f16", "f32", "q8_0"], default="auto",
                    help="KV cache precision; auto: f32 (and flash attention off) for an F32 bundle, "
-                        "whose greedy tokens then match PyTorch's exactly, else f16")
+                        "whose greedy tokens then match PyTorch's exactly, q8_0 with --low-memory, else f16")
 
 
 def _add_optional_commands(sub) -> None:

@@ -33,13 +33,20 @@ _WIDTH = {"type": "integer", "minimum": 1, "maximum": MAX_WIDTH}
 _NAME = {"type": "string", "pattern": FILE_NAME}
 _KEY = {"type": "string", "minLength": 1, "maxLength": 128}
 
+# Precisions an onnx stage's graph may come in (export/encoder_precision.py writes them).
+ENCODER_PRECISIONS = ("fp32", "fp16", "int8")
+
 # op -> (required fields, optional fields) besides "op"; each is a JSON Schema.
 STAGE_OPS: dict[str, tuple[dict, dict]] = {
     # an onnxruntime graph: {graph input: context key}, its first output stored under `output`
     "onnx": ({"file": _NAME, "output": _KEY},
              {"inputs": {"type": "object", "additionalProperties": _KEY, "maxProperties": 16},
               # run at most this many rows of the first axis per call (LEGO: 16 video frames of EVA-g)
-              "max_batch": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS}}),
+              "max_batch": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS},
+              # the same graph at other precisions, e.g. {"int8": "vision.int8.onnx"}: the
+              # low-memory profile runs int8 where there is one (export --encoder-precision fp32,int8)
+              "variants": {"type": "object", "propertyNames": {"enum": list(ENCODER_PRECISIONS)},
+                           "additionalProperties": _NAME}}),
     # x / max(||x||, eps) * scale over the last axis
     "l2norm": ({"input": _KEY, "output": _KEY}, {"scale": {"type": "number"}}),
     # [clips, ...] -> [1, ...]: the mean over the first axis
@@ -189,6 +196,7 @@ def check_manifest(m, where: str = MANIFEST) -> None:
         for st in spec["stages"]:
             if "file" in st:
                 referenced.add(st["file"])
+            referenced.update(st.get("variants", {}).values())
         if "instruction" in spec:
             referenced.add(spec["instruction"]["tokenizer"])
     gen = m.get("generation")

@@ -81,7 +81,7 @@ def short(provider: str) -> str:
     return provider.replace("ExecutionProvider", "")
 
 
-def _session_options(threads: int):
+def _session_options(threads: int, arena: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -89,6 +89,8 @@ def _session_options(threads: int):
     so.intra_op_num_threads = threads or (os.cpu_count() or 1)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not arena:       # low memory: a run's buffers go back to the system when it ends
+        so.enable_cpu_mem_arena = False
     return so
 
 
@@ -97,8 +99,8 @@ class OnnxStage:
     provider for this graph, with a warning that says why."""
 
     def __init__(self, path: Path, record: dict, declared: dict, providers, threads: int,
-                 sha256: str = "", cache_root: Path | None = None):
-        self.path, self.name, self.threads = path, path.name, threads
+                 sha256: str = "", cache_root: Path | None = None, arena: bool = True):
+        self.path, self.name, self.threads, self.arena = path, path.name, threads, arena
         self.sess = self._open(tuple(providers), sha256, cache_root)
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.shape = self.sess.get_inputs()[0].shape          # first input, symbolic dims as str
@@ -123,7 +125,7 @@ class OnnxStage:
 
         config = provider_config(providers, sha256, cache_root)
         try:
-            sess = ort.InferenceSession(str(self.path), _session_options(self.threads), providers=config)
+            sess = ort.InferenceSession(str(self.path), _session_options(self.threads, self.arena), providers=config)
         except Exception as e:
             if providers == (CPU,):
                 raise BundleError(f"{self.name}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
@@ -195,11 +197,18 @@ class ArrayOp:
         return np.take(x, [self.index], axis=self.axis).squeeze(self.axis)  # "select"
 
 
-def make_stage(bundle: Bundle, record: dict, providers, threads: int, cache_root: Path | None = None):
+def stage_file(record: dict, precision: str | None = None) -> str:
+    """The graph an onnx stage runs: its precision variant when asked for and present."""
+    return (record.get("variants") or {}).get(precision, record["file"]) if precision else record["file"]
+
+
+def make_stage(bundle: Bundle, record: dict, providers, threads: int, cache_root: Path | None = None,
+               arena: bool = True, precision: str | None = None):
     if record["op"] == "onnx":
-        declared = bundle.manifest["files"][record["file"]]
-        return OnnxStage(bundle.file(record["file"]), record, declared, providers, threads,
-                         declared.get("sha256", ""), cache_root)
+        file = stage_file(record, precision)
+        declared = bundle.manifest["files"][file]
+        return OnnxStage(bundle.file(file), record, declared, providers, threads,
+                         declared.get("sha256", ""), cache_root, arena)
     if record["op"] in ("l2norm", "mean_over_clips", "select", "group_tokens"):
         return ArrayOp(record)
     raise BundleError(f"{bundle.path}: stage op {record['op']!r} is not served by this scops version")
@@ -212,7 +221,8 @@ class ModalityEncoder:
     ViT output of InstructBLIP); the rest reruns per instruction.
     """
 
-    def __init__(self, bundle: Bundle, modality: str, providers, threads: int, cache_root: Path | None = None):
+    def __init__(self, bundle: Bundle, modality: str, providers, threads: int, cache_root: Path | None = None,
+                 arena: bool = True, precision: str | None = None):
         spec = bundle.modalities[modality]
         self.modality = modality
         self.rows = int(spec["rows"])
@@ -220,7 +230,7 @@ class ModalityEncoder:
         for st in spec["stages"]:
             if st["op"] == "projector":
                 break
-            stages.append(make_stage(bundle, st, providers, threads, cache_root))
+            stages.append(make_stage(bundle, st, providers, threads, cache_root, arena, precision))
         if not stages or not isinstance(stages[0], OnnxStage):
             raise BundleError(f"{bundle.path}: modality {modality} must start with an onnx stage")
         self.input_key = next(iter(stages[0].feeds.values()))

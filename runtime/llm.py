@@ -47,14 +47,23 @@ def init_backend() -> None:
 
 @dataclass(frozen=True)
 class LlmOptions:
-    n_ctx: int = 2048
+    n_ctx: int = 2048           # the most positions the context holds
     n_batch: int = 512
     n_threads: int = 0          # 0: one per core
     n_gpu_layers: int = 0       # -1: all (when llama.cpp was built with a GPU backend)
     # KV cache precision. "f16" halves its memory; "f32" (with flash attention off, whose
-    # CPU path rounds Q/K/V to f16) makes an F32 GGUF match PyTorch fp32 to ~1e-6.
-    kv_type: str = "f16"        # "f16" | "f32"
+    # CPU path rounds Q/K/V to f16) makes an F32 GGUF match PyTorch fp32 to ~1e-6; "q8_0"
+    # (34 bytes per 32 values: 0.53x of f16) needs flash attention for V, else f16 is used.
+    kv_type: str = "f16"        # "f16" | "f32" | "q8_0"
     flash_attn: str = "auto"    # "auto" | "on" | "off"
+    # 0: the KV cache holds n_ctx positions from the start. > 0: it starts with this many
+    # and grows (up to n_ctx) when a conversation needs more: sized to the conversation.
+    n_ctx_start: int = 0
+
+
+# A growing context is resized in steps of this many positions (at least 1.5x each time,
+# so a long chat pays for few resizes).
+CTX_STEP = 256
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,8 @@ class Llm:
     def __init__(self, path: str, opts: LlmOptions = LlmOptions()):
         import llama_cpp as L
         self.L = L
+        self.opts = opts
+        self.path = str(path)
         init_backend()
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = opts.n_gpu_layers
@@ -86,26 +97,14 @@ class Llm:
         if not self.model:
             raise BundleError(f"{path}: llama.cpp could not load this GGUF")
         self.vocab = L.llama_model_get_vocab(self.model)
-        threads = opts.n_threads or os.cpu_count() or 1
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx = opts.n_ctx
-        cparams.n_batch = opts.n_batch
-        cparams.n_ubatch = opts.n_batch
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.type_k = cparams.type_v = {"f16": L.GGML_TYPE_F16, "f32": L.GGML_TYPE_F32}[opts.kv_type]
-        cparams.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                                   "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[opts.flash_attn]
-        self.ctx = L.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            L.llama_model_free(self.model)
-            raise BundleError(f"{path}: llama.cpp could not create a context (n_ctx={opts.n_ctx})")
-        self.mem = L.llama_get_memory(self.ctx)
-        self.n_ctx = L.llama_n_ctx(self.ctx)
+        self.threads = opts.n_threads or os.cpu_count() or 1
+        self.n_ctx_max = opts.n_ctx
+        self.kv_type = opts.kv_type
+        self.ctx = None
+        self._new_context(min(opts.n_ctx_start, opts.n_ctx) if opts.n_ctx_start > 0 else opts.n_ctx)
         self.n_batch = L.llama_n_batch(self.ctx)
         self.n_embd = L.llama_model_n_embd_inp(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
-        self.threads = threads
         self._tok_batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._emb_batch = L.llama_batch_init(self.n_batch, self.n_embd, 1)
         # [n_batch * n_embd] float32 view of the embd batch: the projector writes here
@@ -123,6 +122,55 @@ class Llm:
             raise ValueError(f"embd buffer must be float32 [{self.n_batch * self.n_embd}], got {buf.dtype} {buf.shape}")
         self._emb_batch.embd = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         self._embd = buf
+
+    def _new_context(self, n_ctx: int) -> None:
+        """Create the llama context (KV cache of n_ctx positions); q8_0 KV falls back to f16
+        where llama.cpp refuses it (a quantized V cache needs flash attention)."""
+        L, opts = self.L, self.opts
+        types = {"f16": L.GGML_TYPE_F16, "f32": L.GGML_TYPE_F32, "q8_0": L.GGML_TYPE_Q8_0}
+        for kv in dict.fromkeys((self.kv_type, "f16")):
+            cparams = L.llama_context_default_params()
+            cparams.n_ctx = n_ctx
+            cparams.n_batch = cparams.n_ubatch = opts.n_batch
+            cparams.n_threads = cparams.n_threads_batch = self.threads
+            cparams.type_k = cparams.type_v = types[kv]
+            cparams.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                       "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[opts.flash_attn]
+            self.ctx = L.llama_init_from_model(self.model, cparams)
+            if self.ctx:
+                if kv != self.kv_type:
+                    log.info("KV cache %s refused by llama.cpp here (flash attention %s); using f16",
+                             self.kv_type, opts.flash_attn)
+                self.kv_type = kv
+                break
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            self.model = None
+            raise BundleError(f"{self.path}: llama.cpp could not create a context (n_ctx={n_ctx})")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.n_ctx = L.llama_n_ctx(self.ctx)
+
+    def reserve(self, n: int) -> bool:
+        """Room for n positions: grows a context made with n_ctx_start (its state moves over
+        whole, every sequence's cells included). False when n exceeds n_ctx_max."""
+        if n <= self.n_ctx:
+            return True
+        if n > self.n_ctx_max:
+            return False
+        L = self.L
+        size = L.llama_state_get_size(self.ctx)
+        buf = (ctypes.c_uint8 * size)()
+        written = L.llama_state_get_data(self.ctx, buf, size)
+        step = max(n, self.n_ctx * 3 // 2)
+        target = min(self.n_ctx_max, -(-step // CTX_STEP) * CTX_STEP)
+        L.llama_free(self.ctx)
+        self.ctx = None
+        self._new_context(target)
+        if L.llama_state_set_data(self.ctx, buf, written) != written:
+            self.truncate(0)
+            raise RuntimeError(f"growing the context to {target} positions lost its state")
+        log.debug("context grown to %d positions (%d needed)", self.n_ctx, n)
+        return True
 
     # ---- vocabulary -------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
@@ -195,9 +243,9 @@ class Llm:
 
         Returns (reused, decoded). The last cell is always decoded so logits exist.
         """
-        if len(cells) >= self.n_ctx:
+        if not self.reserve(len(cells) + 1):
             raise PromptTooLong(f"the conversation needs {len(cells)} positions but the context "
-                                f"holds {self.n_ctx}; shorten the prompt or start a new chat")
+                                f"holds {self.n_ctx_max}; shorten the prompt or start a new chat")
         common = 0
         for a, b in zip(self.cells, cells):
             if a != b:

@@ -228,8 +228,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
-    from .cli import add_kv_type
-    add_kv_type(p)
+    from .cli import add_memory_args
+    add_memory_args(p)
     p.set_defaults(fn=run_serve)
 
 
@@ -240,7 +240,7 @@ def run_serve(args) -> int:
                          args.snapshots)
     opts.check()
     session = Session.open(args.bundle, n_ctx=args.n_ctx, threads=args.threads, verify=not args.no_verify,
-                           kv_type=args.kv_type)
+                           kv_type=args.kv_type, low_memory=args.low_memory)
     try:
         server = Server(session, opts, model_id=Path(args.bundle).resolve().name)
         if opts.host not in LOOPBACK_NAMES and not opts.api_key:

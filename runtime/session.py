@@ -27,9 +27,11 @@ from .encode import CPU, ModalityEncoder, pick_providers, short
 from .errors import BundleError, OptionError, UnsupportedModality
 from .instruction import InstructionTokenizer
 from .llm import Llm, LlmOptions
+from .memory import GIB, check_fits
 from .modalities import KINDS
 from .preprocess import content_hash
 from .project import load_projector, projector_stage
+from .residency import Encoders
 from .template import MediaRef, render, to_cells
 
 log = logging.getLogger("scops")
@@ -47,12 +49,32 @@ class SessionOptions:
     # KV cache precision. "auto": an F32 bundle gets "f32" with flash attention off (its
     # greedy tokens then follow PyTorch fp32 exactly; f16 K/V drift after a dozen tokens),
     # every other bundle "f16" (half the memory).
-    kv_type: str = "auto"            # "auto" | "f16" | "f32"
+    kv_type: str = "auto"            # "auto" | "f16" | "f32" | "q8_0" (auto: q8_0 in the low-memory profile)
     flash_attn: str = "auto"         # "auto" | "on" | "off"
     providers: tuple | None = None   # onnxruntime providers, best first; None: auto
     projector_backend: str = "auto"  # auto | cuda | cpu | numpy
     verify: bool = True              # sha256 of every bundle file at open
-    warmup: bool = True              # one encoder + decode pass at open
+    warmup: bool = True              # one encoder + decode pass at open (decode only with lazy encoders)
+    # Memory (the low-memory profile below sets these; each may also be given alone).
+    low_memory: bool = False         # the profile was asked for (Session.open(low_memory=True))
+    onnx_arena: bool = True          # onnxruntime's CPU memory arena (off: freed after each run)
+    lazy_encoders: bool = False      # build an encoder's ONNX sessions at its first use, not at open
+    encoder_idle_s: float = 0.0      # > 0: drop an encoder idle this many seconds (memory handed back)
+    encoder_precision: str | None = None  # e.g. "int8": that variant of each ONNX stage, where the bundle has one
+    n_ctx_start: int = 0             # > 0: the KV cache starts this small and grows with the conversation
+    check_memory: bool = True        # refuse at open a bundle needing more memory than is available
+
+
+# The low-memory profile (`--low-memory`, Session.open(..., low_memory=True)) for boards with
+# 8 GB shared by everything: options given explicitly still win over these (and kv_type
+# "auto" means q8_0 in it).
+LOW_MEMORY = dict(
+    onnx_arena=False,
+    lazy_encoders=True,
+    encoder_idle_s=30.0,             # a follow-up question within 30 s does not reload the ViT
+    encoder_precision="int8",
+    n_ctx_start=512,                 # a first image turn (system + 32 rows + question + answer) fits
+)
 
 
 @dataclass
@@ -65,9 +87,11 @@ class Stats:
 
 def resolve_kv(opts: SessionOptions, quant: str) -> tuple[str, str]:
     """(kv_type, flash_attn) for llama.cpp: exact by default where the user asked for exact."""
-    if opts.kv_type not in ("auto", "f16", "f32"):
-        raise OptionError(f"kv_type must be auto, f16 or f32, not {opts.kv_type!r}")
-    kv = opts.kv_type if opts.kv_type != "auto" else ("f32" if quant == "F32" else "f16")
+    if opts.kv_type not in ("auto", "f16", "f32", "q8_0"):
+        raise OptionError(f"kv_type must be auto, f16, f32 or q8_0, not {opts.kv_type!r}")
+    # low memory: q8_0 is 0.53x of f16 (llm.py falls back to f16 where llama.cpp refuses it)
+    auto = "q8_0" if opts.low_memory else ("f32" if quant == "F32" else "f16")
+    kv = opts.kv_type if opts.kv_type != "auto" else auto
     flash = opts.flash_attn
     if flash == "auto" and kv == "f32":
         flash = "off"           # llama.cpp's CPU flash attention rounds Q/K/V to f16
@@ -84,10 +108,14 @@ class Session:
         gpus = gpu.cuda_devices() if opts.device != "cpu" else ()
         if opts.device == "cuda" and not gpus:
             raise BundleError("--device cuda: no NVIDIA GPU is visible (no driver, or CUDA_VISIBLE_DEVICES hides it)")
+        kv_type = resolve_kv(opts, bundle.manifest["llm"]["quant"])[0]
+        self.memory_need = check_fits(bundle, opts, kv_type) if opts.check_memory else None
         cache_root = Path(os.environ.get("SCOPS_CACHE") or Path.home() / ".cache" / "scops")
         self.providers = pick_providers((CPU,) if opts.device == "cpu" else opts.providers)
-        self.encoders = {m: ModalityEncoder(bundle, m, self.providers, opts.threads, cache_root)
-                         for m in bundle.modalities}
+        self.encoders = Encoders(
+            lambda m: ModalityEncoder(bundle, m, self.providers, opts.threads, cache_root, opts.onnx_arena,
+                                      opts.encoder_precision),
+            bundle.modalities, lazy=opts.lazy_encoders, idle_s=opts.encoder_idle_s)
         self.projectors = {}
         proj_backend = "cpu" if opts.device == "cpu" and opts.projector_backend == "auto" else opts.projector_backend
         loaded: dict = {}              # modalities sharing one projector file share one Projector
@@ -111,6 +139,13 @@ class Session:
         self.instruction_tok = InstructionTokenizer(bundle, instr) if instr else None
         self.active = None                           # the Reply generating now, if any
         log.info("backends: %s", self.describe_backends())
+        if opts.low_memory:
+            log.info("low-memory profile: onnx arena %s, encoders %s%s, %s, KV %s, n_ctx %d growing to %d%s",
+                     "on" if opts.onnx_arena else "off", "lazy" if opts.lazy_encoders else "at open",
+                     f" dropped after {opts.encoder_idle_s:g} s idle" if opts.encoder_idle_s > 0 else "",
+                     opts.encoder_precision or "bundle precision", self.llm.kv_type, self.llm.n_ctx,
+                     self.llm.n_ctx_max, f"; estimated peak {self.memory_need['total'] / GIB:.1f} GiB"
+                     if self.memory_need else "")
         if opts.warmup:
             self._warmup()
 
@@ -128,13 +163,13 @@ class Session:
         args = (o.n_ctx, o.n_batch, o.threads)
         kv_type, flash_attn = resolve_kv(o, self.bundle.manifest["llm"]["quant"])
         try:
-            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, layers, kv_type, flash_attn))
+            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, layers, kv_type, flash_attn, o.n_ctx_start))
         except BundleError as e:
             if layers == 0:
                 raise
             log.warning("llama.cpp could not load the model onto the GPU (%s); loading it on the CPU", e)
             layers = 0
-            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, 0, kv_type, flash_attn))
+            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, 0, kv_type, flash_attn, o.n_ctx_start))
         llm.gpu_layers = layers
         return llm
 
@@ -169,8 +204,8 @@ class Session:
         return f"onnxruntime {graphs}; projector {proj}; {llm}; n_ctx {self.llm.n_ctx}"
 
     @classmethod
-    def open(cls, path, **options) -> "Session":
-        opts = SessionOptions(**options)
+    def open(cls, path, low_memory: bool = False, **options) -> "Session":
+        opts = SessionOptions(**{**(LOW_MEMORY if low_memory else {}), **options, "low_memory": low_memory})
         return cls(open_bundle(path, verify=opts.verify), opts)
 
     def chat(self, system: str | None = None):
@@ -205,12 +240,13 @@ class Session:
         if modality not in self.encoders:
             raise UnsupportedModality(f"this {self.bundle.family} bundle takes no {modality} input "
                                       f"(it serves: {', '.join(self.encoders)})")
-        enc, kind = self.encoders[modality], KINDS[modality]
+        kind, enc = KINDS[modality], None
+        uses_instruction = self.encoders.fact(modality, "uses_instruction")
         spec = self.bundle.modalities[modality]["preprocess"]
         t0 = time.perf_counter()
         decoded = [kind.decode(src, spec) for src in sources]
         base_keys = [f"{modality}:{kind.key(d)}" for d in decoded]
-        salt = "|q:" + content_hash(np.frombuffer(instruction.encode(), np.uint8)) if enc.uses_instruction else ""
+        salt = "|q:" + content_hash(np.frombuffer(instruction.encode(), np.uint8)) if uses_instruction else ""
         refs = [MediaRef(modality, k + salt) for k in base_keys]
         for ref, src, d in zip(refs, sources, decoded):      # geometry for grounding (size, duration)
             self.facts[ref.key] = dict(kind.facts(d), **({"source": str(src)} if isinstance(src, (str, Path)) else {}))
@@ -222,6 +258,10 @@ class Session:
             if ref.key in self._media:
                 self.stats.media_cache_hits += 1
                 continue
+            if enc is None:                  # built here if lazy or dropped: that time counts as encoding
+                t1 = time.perf_counter()
+                enc = self.encoders[modality]
+                t_enc += time.perf_counter() - t1
             base = self._base.get(k)
             if base is None:
                 batch = kind.prepare(d, spec)                        # [N, ...]: N clips / crops / 1
@@ -229,12 +269,12 @@ class Session:
                 base = enc.encode_base(batch)
                 self.stats.encoder_runs += 1
                 t_enc += time.perf_counter() - t1
-                if enc.uses_instruction:     # only then is the base needed again (a new question)
+                if uses_instruction:         # only then is the base needed again (a new question)
                     self._base[k] = base
                     while len(self._base) > MEDIA_CACHE_ITEMS:
                         self._base.popitem(last=False)
             t1 = time.perf_counter()
-            instr = self.instruction_tok.encode(instruction) if enc.uses_instruction else None
+            instr = self.instruction_tok.encode(instruction) if uses_instruction else None
             rows = enc.encode_rows(base, instr)[0]                      # [1, Q, D] -> [Q, D]
             self._remember(ref.key, modality, np.ascontiguousarray(rows))
             t_enc += time.perf_counter() - t1
@@ -256,6 +296,7 @@ class Session:
     def close(self) -> None:
         if self.active is not None:
             self.active.close()
+        self.encoders.close()
         for p in {id(p): p for p in self.projectors.values()}.values():
             p.close()
         if getattr(self, "_imaginer", None) is not None:

@@ -21,8 +21,10 @@ from scops.kernels import reference as R
 CPU_LIB, CPU_WHERE = load_library(cuda=False)
 CUDA_LIB, CUDA_WHERE = load_library(cuda=True)
 HAVE_AVX2 = CPU_LIB is not None and CPU_LIB.scops_cpu_features() == b"avx2+fma+f16c"
+# The library's SIMD path on this machine: AVX2 on x86-64, NEON on aarch64 (None: scalar only).
+SIMD = {b"avx2+fma+f16c": "cpu-avx2", b"neon": "cpu-neon"}.get(CPU_LIB.scops_cpu_features()) if CPU_LIB else None
 HAVE_GPU = CUDA_LIB is not None and CUDA_LIB.scops_cuda_available() > 0
-CPU_BACKENDS = ["cpu-scalar"] + (["cpu-avx2"] if HAVE_AVX2 else [])
+CPU_BACKENDS = ["cpu-scalar"] + ([SIMD] if SIMD else [])
 FP32_TOL = 1e-5
 # Tiny problems (a 37-wide dot product) have errors of one or two roundings, where the 2x
 # ratio is luck; below 2 fp32 ulps (2 * 2^-23) both are "exact" and the ratio is not checked.
@@ -134,11 +136,11 @@ SHAPES = [  # rows, in, out, hidden
 ]
 
 
-@pytest.mark.skipif(not HAVE_AVX2, reason="no AVX2 on this CPU")
+@pytest.mark.skipif(SIMD is None, reason="no SIMD path (AVX2 / NEON) on this CPU")
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("rows,in_dim,out_dim,hidden", SHAPES, ids=lambda v: str(v))
-def test_real_shapes_avx2(rows, in_dim, out_dim, hidden, dtype):
-    check(ProjectorSpec(in_dim=in_dim, out_dim=out_dim, hidden_dim=hidden), "cpu-avx2", rows, dtype)
+def test_real_shapes_simd(rows, in_dim, out_dim, hidden, dtype):
+    check(ProjectorSpec(in_dim=in_dim, out_dim=out_dim, hidden_dim=hidden), SIMD, rows, dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
@@ -148,10 +150,10 @@ def test_two_linear_gelu_lego_like(dtype):
     check(spec, CPU_BACKENDS[-1], 33, dtype)
 
 
-@pytest.mark.skipif(not HAVE_AVX2, reason="no AVX2 on this CPU")
+@pytest.mark.skipif(SIMD is None, reason="no SIMD path (AVX2 / NEON) on this CPU")
 def test_lego_full_size_fp16():
     spec = ProjectorSpec(in_dim=1024, hidden_dim=4096, out_dim=4096, gelu="erf")
-    check(spec, "cpu-avx2", 576, np.float16)
+    check(spec, SIMD, 576, np.float16)
 
 
 def test_create_destroy_many():
@@ -212,14 +214,14 @@ def test_bit_identical_across_threads(backend, rows):
         assert np.array_equal(outs[0].view(np.uint32), outs[2].view(np.uint32))
 
 
-@pytest.mark.skipif(not HAVE_AVX2, reason="no AVX2 on this CPU")
+@pytest.mark.skipif(SIMD is None, reason="no SIMD path (AVX2 / NEON) on this CPU")
 def test_large_rows_threads_identical():
     spec = ProjectorSpec(in_dim=1024, out_dim=4096)
     w = make_weights(spec, np.float16)
     x = make_x(257, 1024)
     outs = []
     for t in (1, 2, 3):
-        with Projector.create(spec, w, backend="cpu-avx2", threads=t) as proj:
+        with Projector.create(spec, w, backend=SIMD, threads=t) as proj:
             outs.append(proj.forward(x))
     assert outs[0].tobytes() == outs[1].tobytes() == outs[2].tobytes()
 
@@ -416,3 +418,19 @@ def test_cuda_chain_combinations(chain):
     for rows in (1, 7, 65):
         for dtype in (np.float32, np.float16):
             check(spec, "cuda", rows, dtype)
+
+
+# -- aarch64: the NEON path, cross-built and run under qemu-user ----------------------------------
+def test_aarch64_neon_under_qemu(tmp_path):
+    """Quick version of `make test-arm64`: kernels/check_arm64.sh --quick cross-builds the
+    library and kernels/test_projector.c for aarch64 and runs it under qemu-aarch64 (NEON and
+    scalar vs a double reference, bit-identity across threads, --expect neon).  Skipped, with
+    the script's message, only when the cross tools are not installed (`make system-deps`)."""
+    script = Path(__file__).resolve().parents[1] / "kernels" / "check_arm64.sh"
+    res = subprocess.run(["bash", str(script), "--quick", str(tmp_path / "arm64")], capture_output=True, text=True,
+                         timeout=1200)
+    if res.returncode == 77:
+        pytest.skip(res.stdout.strip().splitlines()[-1])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "CPU path neon (backend cpu-neon)" in res.stdout, res.stdout
+    assert ", 0 failed;" in res.stdout, res.stdout
