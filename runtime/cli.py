@@ -21,7 +21,8 @@ GIBBERISH_NOTE = "(the demo model has random weights: its answer is gibberish by
 def _session(args):
     from .session import Session
     return Session.open(args.bundle, n_ctx=args.n_ctx, threads=args.threads, verify=not args.no_verify,
-                        kv_type=args.kv_type, device=args.device, n_gpu_layers=args.n_gpu_layers)
+                        kv_type=args.kv_type, device=args.device, n_gpu_layers=args.n_gpu_layers,
+                        grounding=not getattr(args, "no_grounding", False), matcher=getattr(args, "matcher", "llm"))
 
 
 def _sampling(args) -> dict:
@@ -75,6 +76,8 @@ def cmd_run(args) -> int:
         if session.bundle.manifest.get("grounding"):
             out["grounding"] = grounding_json(reply.grounding)
             out["media"] = [{k: v for k, v in m.items() if k != "key"} for m in reply.conv.media()]
+        if session.grounder is not None:
+            out["grounding_facts"] = reply.grounding_facts
         print(json.dumps(out))
     else:
         for piece in reply:
@@ -258,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object (text, token_ids, timings; grounding for grounding families)")
     p.add_argument("--draw", type=Path, metavar="OUT.png",
                    help="draw what the answer points at (boxes, masks, video frames at its time spans)")
+    p.add_argument("--no-grounding", action="store_true", help="skip a bundle's grounding stages (BuboGPT)")
+    p.add_argument("--matcher", choices=["llm", "rules"], default="llm",
+                   help="BuboGPT: link answer phrases to detections with the bundle's LLM (BuboGPT's prompt; "
+                        "rules when its output is unusable) or with the rules alone")
     sampling_args(p)
     p.set_defaults(fn=cmd_run)
 
@@ -292,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="Q4_K_M", choices=["Q4_K_M", "Q8_0", "F16", "F32"])
     p.add_argument("--encoder-precision", default="fp32", choices=["fp32", "fp16", "int8"],
                    help="precision of the ONNX encoders (accuracy vs fp32 measured into the manifest)")
+    p.add_argument("--grounding", metavar="DIR", default=None,
+                   help="bubogpt: folder with RAM, GroundingDINO (+ bert-base-uncased/) and SAM as released; "
+                        "adds the grounding stages")
+    p.add_argument("--sam", metavar="FILE", default=None,
+                   help="bubogpt: the SAM checkpoint to use (default: ViT-H, else ViT-B, found in --grounding)")
     p.set_defaults(fn=cmd_export)
     return ap
 
