@@ -45,6 +45,9 @@ def reproduce_command(args) -> str:
     return " ".join(parts)
 
 
+GROUNDING_SHAPE = "bubogpt-grounding"     # BuboGPT's tagger -> detector -> segmenter (bench/grounding.py)
+
+
 def cmd_bench(args) -> int:
     if args.shape == "lego-small":
         from .lego import run_lego_bench
@@ -55,6 +58,15 @@ def cmd_bench(args) -> int:
 
     if args.shape in EMU_SHAPES:                 # Emu's image generation: its own stages and report
         return cmd_bench_imagine(args, _log)
+    if args.shape == GROUNDING_SHAPE:
+        from .grounding import run_grounding_bench
+        command = (f"scops bench --shape {GROUNDING_SHAPE} --reps {args.reps or 5} --threads {args.threads} "
+                   f"--out {args.out}")
+        _log(command)
+        print(run_grounding_bench(args.reps, args.threads, Path(args.out), command, _log))
+        print(f"reproduce: {command}")
+        print(f"wrote {Path(args.out) / 'report.md'}, report.json, latency.png")
+        return 0
     if args.rehearse and args.device != "cuda":
         raise SystemExit("scops bench: --rehearse rehearses the GPU run: give it with --device cuda")
     device = "cpu" if args.rehearse else args.device
@@ -90,8 +102,8 @@ def cmd_bench(args) -> int:
 def add_bench_parser(sub) -> None:
     """Register `scops bench --shape NAME ...` on the CLI's subparsers."""
     p = sub.add_parser("bench", help="benchmark a shape-faithful bundle against HF and llama-cpp-python")
-    from .imagine import EMU_SHAPES
-    p.add_argument("--shape", required=True, choices=sorted(SHAPES) + ["lego-small"] + sorted(EMU_SHAPES))
+    p.add_argument("--shape", required=True,
+                   choices=sorted(SHAPES) + ["lego-small", GROUNDING_SHAPE] + sorted(EMU_SHAPES))
     p.add_argument("--vs", type=_peers, default=(), help="peers, comma-separated: hf,llama-cpp")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions after one warm-up (0: shape default)")
     p.add_argument("--tokens", type=int, default=0, help="decode length, EOS ignored (0: shape default)")

@@ -44,6 +44,9 @@ class FamilyExport:
     # ((title, step(bundle_builder, log) -> manifest entries), ...) run after the LLM, e.g. Emu's
     # regression head and image decoder
     extra_steps: tuple = ()
+    # (builder, log) -> (manifest entries, validation records): stages beside the chat, e.g.
+    # BuboGPT's grounding graphs under the manifest's "grounding" key
+    extras: Callable | None = None
 
     def projector_files(self) -> tuple:
         return self.projectors or ((self.projection_prefix, "projector.safetensors"),)
@@ -87,7 +90,7 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
     template = resolve_special(fam.template, llm_dir, tok_model)
     t_start = time.perf_counter()
     quantized = quant not in ("F32", "F16")
-    n_steps = len(fam.stages) + 3 + quantized + len(fam.extra_steps)
+    n_steps = len(fam.stages) + 3 + quantized + len(fam.extra_steps) + (fam.extras is not None)
     step = iter(range(1, n_steps + 1))
     validation = {}
     with BundleBuilder(out, log=log) as b:
@@ -98,6 +101,11 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
         for name, write in fam.extra_files:
             write(b.dir / name)
             b.add_file(name, "tokenizer")
+        extra_manifest = {}
+        if fam.extras is not None:
+            log(f"[{next(step)}/{n_steps}] stages beside the chat")
+            extra_manifest, checks = fam.extras(b, log)
+            validation.update(checks)
 
         step_no, saved = next(step), []
         for prefix, file, *kind in fam.projector_files():
@@ -150,6 +158,7 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
             "encoder_precision": precision,
             **fam.facts,
             **extra,
+            **extra_manifest,
         })
     log(f"done in {time.perf_counter() - t_start:.1f}s: {path}")
     return path

@@ -239,11 +239,24 @@ def release_config(state: dict, src_dir: Path, text_cfg: dict) -> dict:
 
 
 def export_bubogpt(src: str, out: Path, quant: str = "Q4_K_M", log: Callable[[str], None] = print,
-                   encoder_precision: str = "fp32", llm: str | None = None) -> Path:
+                   encoder_precision: str = "fp32", llm: str | None = None, grounding: str | None = None,
+                   sam: str | None = None) -> Path:
+    """grounding: a folder with RAM, GroundingDINO and SAM as released (export/grounding.py)
+    adds BuboGPT's grounding stages; without it the bundle chats but does not ground."""
     from scops.runtime.templates import BUBOGPT
 
     if encoder_precision != "fp32":
         raise ExportError("bubogpt: --encoder-precision other than fp32 is not supported yet")
+    extras = None
+    if grounding is not None:
+        from .grounding import export_grounding, find_sources
+        sources = find_sources(grounding, sam)               # every missing file named before any work
+
+        def extras(b, log):
+            record, checks = export_grounding(sources, b, log)
+            return {"grounding": record}, checks
+    elif sam is not None:
+        raise ExportError("--sam needs --grounding (the folder with RAM and GroundingDINO)")
     src_dir = resolve_source(src, family(FAMILY))
     if (src_dir / "config.json").is_file():                          # a converted folder
         cfg, llm_dir = read_config(src_dir), None
@@ -271,6 +284,6 @@ def export_bubogpt(src: str, out: Path, quant: str = "Q4_K_M", log: Callable[[st
                 (lambda: build_qformer(cfg, "audio", load), specs["audio_qformer"])),
         projection_prefix=PROJECTORS[0][0], projectors=PROJECTORS,
         llm_prefix=LLM_PREFIX if llm_dir is None else "", text_config=text_cfg, template=BUBOGPT,
-        modalities=modality_records(cfg, scale), llm_dir=llm_dir, load=load,
+        modalities=modality_records(cfg, scale), llm_dir=llm_dir, load=load, extras=extras,
     )
     return assemble_bundle(fam, src_dir, out, quant, log, encoder_precision)

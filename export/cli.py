@@ -18,6 +18,10 @@ def run_export(args) -> int:
     options = {"log": _log, "encoder_precision": getattr(args, "encoder_precision", "fp32")}
     if getattr(args, "llm", None):
         options["llm"] = str(args.llm)
+    if getattr(args, "grounding", None) or getattr(args, "sam", None):
+        if args.family != "bubogpt":
+            raise ExportError("--grounding / --sam are for --family bubogpt (its RAM + GroundingDINO + SAM stages)")
+        options.update(grounding=args.grounding, sam=args.sam)
     try:
         fam.export_fn()(args.src, args.out, args.quant, **options)
     except ScopsError:

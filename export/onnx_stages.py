@@ -47,7 +47,11 @@ class OnnxStageSpec:
     trace_batch: int = 1
     check_batch: int = 2
     sizes: dict = field(default_factory=dict)   # values for symbolic dims other than "batch"
-    check_sizes: dict = field(default_factory=dict)   # other values for them at validation (default: sizes)
+    # sizes at validation (default: `sizes`): graphs whose dynamic dims are not the batch
+    # (a picture's height/width, a caption's length) are checked at other values of those
+    check_sizes: dict = field(default_factory=dict)
+    # inputs whose values must be valid (masks, ids): (spec, batch, seed, sizes) -> arrays
+    make: Callable | None = None
 
     def dynamic_axes(self) -> dict:
         axes = {}
@@ -71,6 +75,9 @@ class OnnxStageSpec:
 
 
 def make_inputs(spec: OnnxStageSpec, batch: int, seed: int, sizes: dict | None = None) -> list[np.ndarray]:
+    sizes = spec.sizes if sizes is None else sizes
+    if spec.make is not None:
+        return spec.make(spec, batch, seed, sizes)
     rng = np.random.default_rng(seed)
     arrays = []
     for t in spec.inputs:
@@ -148,7 +155,12 @@ def compare_stage(spec: OnnxStageSpec, path: Path, inputs: list, ref: list) -> f
     for r, g, t in zip(ref, got, spec.outputs):
         if r.shape != g.shape:
             raise RuntimeError(f"{spec.file}: output {t.name} shape {g.shape} != PyTorch {r.shape}")
-        diff = max(diff, float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)))))
+        r, g = r.astype(np.float64), g.astype(np.float64)
+        finite = np.isfinite(r)
+        if not np.array_equal(finite, np.isfinite(g)) or not np.array_equal(r[~finite], g[~finite]):
+            raise RuntimeError(f"{spec.file}: output {t.name}: infinities differ from PyTorch's")
+        if finite.any():               # e.g. GroundingDINO's -inf past the caption: equal above, compare the rest
+            diff = max(diff, float(np.max(np.abs(r[finite] - g[finite]))))
     if not np.isfinite(diff) or diff > spec.atol:
         raise RuntimeError(f"{spec.file}: ONNX vs PyTorch max abs diff {diff:.3g} > {spec.atol:g} "
                            f"at batch {spec.check_batch}")
@@ -179,6 +191,10 @@ def export_and_validate(module, spec: OnnxStageSpec, out_dir: Path,
         path = save_stage(raw, spec, out_dir)
     t1 = time.perf_counter()
     diff = compare_stage(spec, path, inputs, ref)
-    log(f"  {spec.file}: exported in {t1 - t0:.1f}s; onnxruntime vs PyTorch at batch "
-        f"{spec.check_batch}: max abs diff {diff:.2e} (<= {spec.atol:g})")
-    return {"max_abs_diff": diff, "batch": spec.check_batch, "atol": spec.atol}
+    at = f"batch {spec.check_batch}" + "".join(f", {k} {v}" for k, v in spec.check_sizes.items())
+    log(f"  {spec.file}: exported in {t1 - t0:.1f}s; onnxruntime vs PyTorch at {at}: "
+        f"max abs diff {diff:.2e} (<= {spec.atol:g})")
+    out = {"max_abs_diff": diff, "batch": spec.check_batch, "atol": spec.atol}
+    if spec.check_sizes:
+        out["sizes"] = dict(spec.check_sizes)
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import logging
 import threading
 import time
 
@@ -17,6 +18,7 @@ from .modalities import SEND_ARGS
 from .template import MediaRef, Message, history_answer, render, to_cells
 
 DEFAULT_MAX_TOKENS = 256
+log = logging.getLogger("scops")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +54,10 @@ class Conversation:
         self.messages: list[Message] = []
         self._media: dict = {}          # key -> (modality, rows): this chat's media, never evicted
         self._facts: dict = {}          # key -> decoding facts (size, duration, source)
+        self.picture = None              # grounding of the latest picture (a Future): what BuboGPT answers point into
 
     def reset(self) -> None:
-        self.messages, self._media, self._facts = [], {}, {}
+        self.messages, self._media, self._facts, self.picture = [], {}, {}, None
 
     def media(self) -> list[dict]:
         """Every input of the conversation in prompt order, with its facts: the `media`
@@ -101,6 +104,8 @@ class Conversation:
             for r in got:
                 self._media[r.key] = self.session.media_rows(r.key)
                 self._facts[r.key] = self.session.facts.get(r.key, {})
+            if modality == "image" and self.session.grounder is not None:
+                self.picture = self.session.grounder.future(got[-1].key)
             refs += got
             for k in ("preprocess_ms", "encode_ms"):
                 timings[k] += t[k]
@@ -166,6 +171,8 @@ class Reply:
         # what the answer points at (grounding.Entity), filled when generation ends
         self.grounding: list = []
         self.finish_reason: str | None = None
+        self.picture = conv.picture
+        self._grounding = None
         self._eog: int | None = None       # the end-of-generation token that ended it, if one did
         self._cancel = threading.Event()
         self._gen = self._run()
@@ -187,6 +194,39 @@ class Reply:
         for _ in self:
             pass
         return self
+
+    @property
+    def grounding(self) -> list:
+        """The answer's entities (runtime/grounding.py) once it is complete: BuboGPT bundles
+        link its phrases to what the grounding stages found in the conversation's latest
+        picture (waiting for them if they are still running); [] otherwise."""
+        return self._ground()[0]
+
+    @property
+    def grounding_facts(self) -> dict:
+        """Tags, detector labels, how phrases were matched, dropped detections, stage timings."""
+        return self._ground()[1]
+
+    @grounding.setter
+    def grounding(self, entities) -> None:
+        """Families whose answers carry their own grounding (LEGO) set it as generation ends."""
+        self._text_grounding = list(entities)
+
+    def _ground(self) -> tuple:
+        if getattr(self, "_text_grounding", None):
+            return self._text_grounding, {}
+        if self._grounding is None:
+            grounder = self.conv.session.grounder
+            if grounder is None or self.picture is None or self.finish_reason is None:
+                return [], {}
+            try:
+                picture = self.picture.result()
+            except Exception as e:               # a failed stage costs the entities, not the answer
+                log.warning("grounding failed: %s", e)
+                self._grounding = ([], {"error": f"{type(e).__name__}: {e}"})
+                return self._grounding
+            self._grounding = grounder.entities(picture, self.text)
+        return self._grounding
 
     def _run(self):
         session, llm = self.conv.session, self.conv.session.llm

@@ -22,7 +22,8 @@ def _session(args):
     from .session import Session
     return Session.open(args.bundle, n_ctx=args.n_ctx, threads=args.threads, verify=not args.no_verify,
                         kv_type=args.kv_type, device=args.device, n_gpu_layers=args.n_gpu_layers,
-                        low_memory=args.low_memory)
+                        low_memory=args.low_memory,
+                        grounding=not getattr(args, "no_grounding", False), matcher=getattr(args, "matcher", "llm"))
 
 
 def _sampling(args) -> dict:
@@ -76,6 +77,8 @@ def cmd_run(args) -> int:
         if session.bundle.manifest.get("grounding"):
             out["grounding"] = grounding_json(reply.grounding)
             out["media"] = [{k: v for k, v in m.items() if k != "key"} for m in reply.conv.media()]
+        if session.grounder is not None:
+            out["grounding_facts"] = reply.grounding_facts
         print(json.dumps(out))
     else:
         for piece in reply:
@@ -270,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object (text, token_ids, timings; grounding for grounding families)")
     p.add_argument("--draw", type=Path, metavar="OUT.png",
                    help="draw what the answer points at (boxes, masks, video frames at its time spans)")
+    p.add_argument("--no-grounding", action="store_true", help="skip a bundle's grounding stages (BuboGPT)")
+    p.add_argument("--matcher", choices=["llm", "rules"], default="llm",
+                   help="BuboGPT: link answer phrases to detections with the bundle's LLM (BuboGPT's prompt; "
+                        "rules when its output is unusable) or with the rules alone")
     sampling_args(p)
     p.set_defaults(fn=cmd_run)
 
@@ -305,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-precision", default="fp32", metavar="fp32|fp16|int8[,VARIANT...]",
                    help="precision of the ONNX encoders (accuracy vs fp32 measured into the manifest); "
                         "more after a comma are kept as variants, e.g. fp32,int8: int8 for --low-memory")
+    p.add_argument("--grounding", metavar="DIR", default=None,
+                   help="bubogpt: folder with RAM, GroundingDINO (+ bert-base-uncased/) and SAM as released; "
+                        "adds the grounding stages")
+    p.add_argument("--sam", metavar="FILE", default=None,
+                   help="bubogpt: the SAM checkpoint to use (default: ViT-H, else ViT-B, found in --grounding)")
     p.set_defaults(fn=cmd_export)
     return ap
 

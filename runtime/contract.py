@@ -68,12 +68,46 @@ STAGE_OPS: dict[str, tuple[dict, dict]] = {
 }
 
 
+# Stages beside the chat, under the manifest's "grounding" key: BuboGPT's tagger -> detector ->
+# segmenter (each its own graphs and tables) and the matcher (runtime/grounding_pipeline.py).
+# A family that grounds through its answer's own text (LEGO) writes a string there instead.
+_RGB = {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}
+_SIDE = {"type": "integer", "minimum": 16, "maximum": 8192}
+_PROB = {"type": "number", "minimum": 0, "maximum": 1}
+GROUNDING_OPS: dict[str, tuple[dict, dict]] = {
+    # RAM: picture -> tag probabilities; `tags` names {"tags": [...], "thresholds": [...]}
+    "ram": ({"file": _NAME, "size": _SIDE, "mean": _RGB, "std": _RGB, "tags": _NAME},
+            {"interpolation": {"enum": ["bilinear"]}}),
+    # GroundingDINO: picture + caption -> token probabilities and boxes
+    "groundingdino": ({"file": _NAME, "tokenizer": _NAME, "min_size": _SIDE, "max_size": _SIDE, "mean": _RGB,
+                       "std": _RGB, "box_threshold": _PROB, "text_threshold": _PROB,
+                       "max_text_len": {"type": "integer", "minimum": 2, "maximum": 4096},
+                       "special_ids": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                                   "maximum": MAX_VOCAB}, "maxItems": 8}}, {}),
+    # SAM: picture -> embeddings (encoder); embeddings + boxes -> low-res mask logits (decoder)
+    "sam": ({"encoder": _NAME, "decoder": _NAME, "size": _SIDE, "mean": _RGB, "std": _RGB,
+             "mask_threshold": {"type": "number"}, "hole_area": {"type": "integer", "minimum": 0, "maximum": 1 << 20}},
+            {"variant": {"type": "string", "maxLength": 32}}),
+    # phrases of the answer -> detector labels: the bundle's LLM with BuboGPT's few-shot prompt
+    "match": ({"prompt": {"enum": ["bubogpt-match"]}, "max_tokens": {"type": "integer", "minimum": 1,
+                                                                       "maximum": 4096}}, {}),
+}
+GROUNDING_FILE_FIELDS = ("file", "tags", "tokenizer", "encoder", "decoder")
+
+
 def _stage_schema(op: str, required: dict, optional: dict) -> dict:
     return {"type": "object", "required": ["op", *required],
             "properties": {"op": {"const": op}, **required, **optional}, "additionalProperties": False}
 
 
 STAGE = {"oneOf": [_stage_schema(op, req, opt) for op, (req, opt) in STAGE_OPS.items()]}
+GROUNDING = {"oneOf": [
+    {"enum": ["answer_text"]},
+    {"type": "object", "required": ["stages"], "additionalProperties": False,
+     "properties": {"stages": {"type": "array", "minItems": 3, "maxItems": 3, "items": False, "prefixItems": [
+         _stage_schema(op, *GROUNDING_OPS[op]) for op in ("ram", "groundingdino", "sam")]},
+         "matcher": _stage_schema("match", *GROUNDING_OPS["match"])}},
+]}
 
 TEMPLATE = {
     "type": "object",
@@ -166,8 +200,9 @@ SCHEMA = {
         "files": {"type": "object", "minProperties": 1, "maxProperties": 256,
                   "propertyNames": {"pattern": FILE_NAME}, "additionalProperties": FILE_ENTRY},
         "combine": {"type": "object", "properties": {"op": {"const": "sum"}}},
-        # answers that carry their own grounding (LEGO: boxes / spans in the text -> Reply.grounding)
-        "grounding": {"enum": ["answer_text"]},
+        # answers that carry their own grounding (LEGO: "answer_text", boxes / spans in the text ->
+        # Reply.grounding), or stages beside the chat (BuboGPT: tagger -> detector -> segmenter)
+        "grounding": GROUNDING,
         "generation": GENERATION,
     },
 }
@@ -202,6 +237,9 @@ def check_manifest(m, where: str = MANIFEST) -> None:
     gen = m.get("generation")
     if gen:
         referenced |= {gen["regress_head"]["file"], gen["unet"]["file"], gen["vae_decoder"]["file"]}
+    if isinstance(m.get("grounding"), dict):
+        for st in m["grounding"]["stages"]:
+            referenced |= {st[f] for f in GROUNDING_FILE_FIELDS if f in st}
     for name in sorted(referenced - set(files)):
         raise BundleError(f"{where}: {name} is used but not listed in 'files'")
     for mod, spec in m["modalities"].items():

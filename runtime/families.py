@@ -105,7 +105,9 @@ FAMILIES: tuple[Family, ...] = (
         name="bubogpt", title="BuboGPT (image + audio: EVA ViT-g / ImageBind audio, two Q-Formers, Vicuna)",
         exporter="scops.export.bubogpt:export_bubogpt",
         fixtures=(("bubogpt-tiny", "scops.export.fixtures:build_bubogpt_tiny"),
-                  ("bubogpt-release-tiny", "scops.export.fixtures_bubogpt:build_bubogpt_release_tiny")),
+                  ("bubogpt-release-tiny", "scops.export.fixtures_bubogpt:build_bubogpt_release_tiny"),
+                  # the --grounding folder: RAM, GroundingDINO (+ its BERT vocab), SAM, published names
+                  ("grounding-tiny", "scops.export.fixtures_grounding:build_grounding_tiny")),
         inputs=("image", "audio"), templates=("bubogpt",),
         release=(ReleaseFile(("bubogpt_7b.pth",), "`{'model': ...}`: audio Q-Former, both post-projectors",
                              "magicr/BuboGPT-ckpt (HF)"),

@@ -63,6 +63,8 @@ class SessionOptions:
     encoder_precision: str | None = None  # e.g. "int8": that variant of each ONNX stage, where the bundle has one
     n_ctx_start: int = 0             # > 0: the KV cache starts this small and grows with the conversation
     check_memory: bool = True        # refuse at open a bundle needing more memory than is available
+    grounding: bool = True           # run a bundle's grounding stages (BuboGPT) beside the chat
+    matcher: str = "llm"             # "llm": the bundle's LLM links phrases (rules when it fails) | "rules"
 
 
 # The low-memory profile (`--low-memory`, Session.open(..., low_memory=True)) for boards with
@@ -131,6 +133,11 @@ class Session:
             self.llm.close()
             raise BundleError(msg)
         self._pinned = self._pin_embd()
+        self.grounder = None
+        if opts.grounding and isinstance(bundle.manifest.get("grounding"), dict):    # stages beside the chat
+            from .grounding_pipeline import Grounder
+            self.grounder = Grounder(bundle, self.providers, opts.threads,
+                                     self.llm if opts.matcher == "llm" else None)
         self._media: OrderedDict = OrderedDict()     # key -> (modality, bridge rows [Q, D])
         self.facts: OrderedDict = OrderedDict()      # key -> what decoding learnt (size, duration, source)
         # input key -> instruction-free stage outputs (kept only where a Q-Former reads the question)
@@ -253,6 +260,9 @@ class Session:
             self.facts.move_to_end(ref.key)
         while len(self.facts) > MEDIA_CACHE_ITEMS:
             self.facts.popitem(last=False)
+        if modality == "image" and self.grounder is not None:
+            for ref, d in zip(refs, decoded):        # starts now, in the grounding worker
+                self.grounder.submit(ref.key, d)
         t_enc = 0.0
         for ref, k, d in zip(refs, base_keys, decoded):
             if ref.key in self._media:
@@ -297,6 +307,8 @@ class Session:
         if self.active is not None:
             self.active.close()
         self.encoders.close()
+        if self.grounder is not None:
+            self.grounder.close()
         for p in {id(p): p for p in self.projectors.values()}.values():
             p.close()
         if getattr(self, "_imaginer", None) is not None:

@@ -63,3 +63,20 @@ def write_png(path, rgb: np.ndarray):
     from PIL import Image
     Image.fromarray(rgb).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def grounding_ckpt(tmp_path_factory):
+    """BuboGPT's grounding checkpoints folder (tiny RAM, GroundingDINO + BERT vocab, SAM)."""
+    from scops.export.fixtures_grounding import build_grounding_tiny
+    return build_grounding_tiny(tmp_path_factory.mktemp("grounding") / "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def grounding_bundle(grounding_ckpt, tmp_path_factory):
+    """A tiny BuboGPT bundle exported with its grounding stages (F32 LLM)."""
+    from scops.export.bubogpt import export_bubogpt
+    from scops.export.fixtures_bubogpt import build_bubogpt_tiny
+    src = build_bubogpt_tiny(tmp_path_factory.mktemp("bubo-g") / "bubogpt-tiny")
+    return export_bubogpt(str(src), tmp_path_factory.mktemp("bubo-gb") / "b", "F32", log=lambda s: None,
+                          grounding=str(grounding_ckpt))
