@@ -101,6 +101,7 @@ def cmd_bench(args) -> int:
 
 def add_bench_parser(sub) -> None:
     """Register `scops bench --shape NAME ...` on the CLI's subparsers."""
+    from .imagine import EMU_SHAPES
     p = sub.add_parser("bench", help="benchmark a shape-faithful bundle against HF and llama-cpp-python")
     p.add_argument("--shape", required=True,
                    choices=sorted(SHAPES) + ["lego-small", GROUNDING_SHAPE] + sorted(EMU_SHAPES))
