@@ -11,7 +11,7 @@ release (parity checked at export), cached under $SCOPS_CACHE/bench/grounding:
   SAM ViT-B (768 x 12) and ViT-H (1280 x 32): 1024 px encoder, box decoder
 Timed with onnxruntime (CPU EP) after one warm-up: RAM on the 384 px picture; GroundingDINO
 at 800 x 1066 (a 4:3 photo) with a 20-tag caption; SAM's encoder; SAM's decoder with 10
-boxes; the 10 masks' upsampling to 1066 x 800 and hole filling (numpy + scipy). Prints a
+boxes; the 10 masks' upsampling to 1066 x 800, hole filling and RLE (numpy + scipy). Prints a
 markdown table, writes report.json and latency.png beside it.
 """
 from __future__ import annotations
@@ -65,54 +65,61 @@ class _Dir:
         self.files[name] = {"kind": kind, **facts}
 
 
-def build(log) -> Path:
-    """Checkpoints in their release layouts -> exported graphs (once; cached)."""
+def _write_checkpoints(ck: Path, log) -> None:
+    """Random RAM Swin-L, GroundingDINO Swin-T, SAM ViT-B and ViT-H in their release layouts."""
     import torch
 
     from scops.export import fixtures_grounding as fx
-    from scops.export.bundle import atomic_dir
-    from scops.export.grounding import export_grounding, find_sources
 
-    out = cache_dir() / "graphs"
-    if (out / "done.json").is_file():
-        return out
-    with atomic_dir(cache_dir() / "checkpoints") as ck:
-        log("writing random RAM Swin-L, GroundingDINO Swin-T, SAM ViT-B and ViT-H in their release layouts")
-        tags = [f"tag{i}" for i in range(RAM_TAGS)]
-        torch.save({"model": fx.make_ram_state(0, RAM_TAGS, RAM_SWIN_L, RAM_HEAD)}, str(ck / fx.RAM_FILE))
-        (ck / "ram_tag_list.txt").write_text("\n".join(tags))
-        (ck / "ram_tag_list_threshold.txt").write_text("\n".join(["0.65"] * RAM_TAGS))
-        bert = ck / fx.BERT_DIR
-        bert.mkdir()
-        vocab = fx.bert_vocab(words=tuple(tags))
-        vocab += [f"[unused{i}]" for i in range(len(vocab), 30522)]        # bert-base-uncased's size
-        (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
-        (bert / "config.json").write_text(json.dumps(dict(GD_SWIN_T["text"], model_type="bert",
-                                                          vocab_size=len(vocab))))
-        torch.save({"model": fx.make_groundingdino_state(len(vocab), 0, GD_SWIN_T)}, str(ck / fx.GD_FILE))
-        for name, shape in (("sam_vit_b_01ec64.pth", SAM_B), ("sam_vit_h_4b8939.pth", SAM_H)):
-            torch.save(fx.make_sam_state(0, shape), str(ck / name))
-    ck = cache_dir() / "checkpoints"
+    log("writing random RAM Swin-L, GroundingDINO Swin-T, SAM ViT-B and ViT-H in their release layouts")
+    tags = [f"tag{i}" for i in range(RAM_TAGS)]
+    torch.save({"model": fx.make_ram_state(0, RAM_TAGS, RAM_SWIN_L, RAM_HEAD)}, str(ck / fx.RAM_FILE))
+    (ck / "ram_tag_list.txt").write_text("\n".join(tags))
+    (ck / "ram_tag_list_threshold.txt").write_text("\n".join(["0.65"] * RAM_TAGS))
+    bert = ck / fx.BERT_DIR
+    bert.mkdir()
+    vocab = fx.bert_vocab(words=tuple(tags))
+    vocab += [f"[unused{i}]" for i in range(len(vocab), 30522)]        # bert-base-uncased's size
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (bert / "config.json").write_text(json.dumps(dict(GD_SWIN_T["text"], model_type="bert",
+                                                      vocab_size=len(vocab))))
+    torch.save({"model": fx.make_groundingdino_state(len(vocab), 0, GD_SWIN_T)}, str(ck / fx.GD_FILE))
+    for name, shape in (("sam_vit_b_01ec64.pth", SAM_B), ("sam_vit_h_4b8939.pth", SAM_H)):
+        torch.save(fx.make_sam_state(0, shape), str(ck / name))
+
+
+def build(log) -> Path:
+    """Checkpoints in their release layouts -> exported graphs. Each step is published
+    atomically and reused by later runs: checkpoints/ (5.1 GB), graphs/b (RAM, GroundingDINO,
+    SAM ViT-B), graphs/h (SAM ViT-H), so an interrupted run resumes at the step it was in."""
     from scops.export import sam
+    from scops.export.bundle import atomic_dir, clean_stale
+    from scops.export.grounding import export_grounding, find_sources
     from scops.export.onnx_stages import export_and_validate
 
-    with atomic_dir(out) as tmp:
-        d = tmp / "b"
-        d.mkdir()
-        log("exporting RAM, GroundingDINO and SAM ViT-B (parity checked)")
-        record, checks = export_grounding(find_sources(ck, ck / "sam_vit_b_01ec64.pth"), _Dir(d), log)
-        (d / "record.json").write_text(json.dumps({"grounding": record, "validation": checks}))
-        d = tmp / "h"
-        d.mkdir()
-        log("exporting SAM ViT-H (parity checked)")
-        path = ck / "sam_vit_h_4b8939.pth"
-        _, cfg = sam.build_sam(path)
-        specs = sam.stage_specs(cfg)
-        checks = {specs[n].file: export_and_validate(make(path), specs[n], d, log)
-                  for n, make in (("sam_encoder", sam.build_encoder), ("sam_decoder", sam.build_decoder))}
-        record = dict(record, stages=record["stages"][:2] + [sam.manifest_record(cfg)])
-        (d / "record.json").write_text(json.dumps({"grounding": record, "validation": checks}))
-        (tmp / "done.json").write_text("{}")
+    ck, out = cache_dir() / "checkpoints", cache_dir() / "graphs"
+    clean_stale(out, log)                  # a whole-graphs temp folder of an older, killed run
+    if not ck.is_dir():
+        with atomic_dir(ck) as tmp:
+            _write_checkpoints(tmp, log)
+    else:
+        log(f"reusing the checkpoints in {ck}")
+    if not (out / "b" / "record.json").is_file():
+        with atomic_dir(out / "b") as d:
+            log("exporting RAM, GroundingDINO and SAM ViT-B (parity checked)")
+            record, checks = export_grounding(find_sources(ck, ck / "sam_vit_b_01ec64.pth"), _Dir(d), log)
+            (d / "record.json").write_text(json.dumps({"grounding": record, "validation": checks}))
+    if not (out / "h" / "record.json").is_file():
+        record = json.loads((out / "b" / "record.json").read_text())["grounding"]
+        with atomic_dir(out / "h") as d:
+            log("exporting SAM ViT-H (parity checked)")
+            path = ck / "sam_vit_h_4b8939.pth"
+            _, cfg = sam.build_sam(path)
+            specs = sam.stage_specs(cfg)
+            checks = {specs[n].file: export_and_validate(make(path), specs[n], d, log)
+                      for n, make in (("sam_encoder", sam.build_encoder), ("sam_decoder", sam.build_decoder))}
+            record = dict(record, stages=record["stages"][:2] + [sam.manifest_record(cfg)])
+            (d / "record.json").write_text(json.dumps({"grounding": record, "validation": checks}))
     return out
 
 
@@ -131,6 +138,7 @@ def measure(graphs: Path, reps: int, threads: int, log) -> list[dict]:
 
     from scops.runtime import detector as det
     from scops.runtime import segmenter as seg
+    from scops.runtime.grounding import rle_encode
     from scops.runtime import tagger as tg
     from scops.runtime.encode import _session_options
 
@@ -172,11 +180,12 @@ def measure(graphs: Path, reps: int, threads: int, log) -> list[dict]:
                      "ms": _time(lambda: dec.run(None, {"image_embeddings": emb, "boxes": frame}), reps)})
         del enc
     low = dec.run(None, {"image_embeddings": emb, "boxes": frame})[0]
+    segmenter = seg.Segmenter(None, dec, spec)
 
-    def masks():
+    def masks():                          # what Grounder.ground does with the decoder's output
         for m in low:
-            seg.fill_small_holes(seg.upsample_mask(m, int(spec["size"]), resized, PICTURE), 400)
-    rows.append({"stage": "masks: upsample + fill holes", "shape": f"{BOXES} x {PICTURE[0]}x{PICTURE[1]}",
+            rle_encode(segmenter.finish(m, resized, PICTURE))
+    rows.append({"stage": "masks: upsample, fill holes, RLE", "shape": f"{BOXES} x {PICTURE[0]}x{PICTURE[1]}",
                  "ms": _time(masks, reps)})
     for r in rows:
         r["p50"] = statistics.median(r["ms"])

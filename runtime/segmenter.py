@@ -6,9 +6,13 @@ scaled into that frame (apply_boxes_torch), predict_torch(multimask_output=False
 Sam.postprocess_masks (bilinear to S x S, crop the padding, bilinear to H x W), logits > 0,
 and amg.remove_small_regions(mask, 400, mode="holes").
 
-The two bilinear resizes are linear maps along each axis, so they are applied as one
-[H, S/4] and one [S/4, W] matrix; rows are produced in stripes, so a 50 MP picture never
-holds more than one float stripe and one boolean mask per box.
+The two bilinear resizes are linear maps along each axis: composed, each output row (column)
+reads at most 3 neighbouring low-res rows (columns). upsample_logits applies them as dense
+[H, S/4] and [S/4, W] matrices (the plain reference); upsample_mask applies the same weights
+as taps, O(H W) instead of O(H W S/4), row stripes at a time, so a 50 MP picture never holds
+more than one float stripe and one boolean mask per box. fill_small_holes labels only the
+mask's bounding box plus a one-pixel ring of background; fill_small_holes_plain labels the
+whole picture (the reference). tests/test_grounding_sam.py compares each pair on awkward sizes.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-STRIPE_ROWS = 512          # float rows materialised at a time by upsample_mask
+STRIPE_ROWS = 128          # float rows per stripe in upsample_mask (two [128, W] buffers stay in cache)
 
 
 def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
@@ -69,15 +73,44 @@ def _axis_map(n_low: int, size: int, kept: int, n_out: int) -> np.ndarray:
     return (bilinear_matrix(kept, n_out) @ bilinear_matrix(n_low, size)[:kept]).astype(np.float32)
 
 
+@lru_cache(maxsize=32)
+def _axis_taps(n_low: int, size: int, kept: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """_axis_map as taps: (index [n_out, K] int64, weight [n_out, K] float32), K <= 3; rows
+    with fewer taps are padded with weight 0 on index 0 (the same float32 weights)."""
+    m = _axis_map(n_low, size, kept, n_out)                              # [n_out, n_low]
+    nz = m != 0
+    k = max(1, int(nz.sum(axis=1).max()))
+    order = np.argsort(~nz, axis=1, kind="stable")[:, :k]               # nonzero columns first
+    weight = np.take_along_axis(m, order, axis=1)
+    index = np.where(weight != 0, order, 0)
+    return index, weight
+
+
 def upsample_mask(low: np.ndarray, size: int, resized: tuple[int, int], original: tuple[int, int],
                   threshold: float = 0.0) -> np.ndarray:
-    """Sam.postprocess_masks + (logits > threshold) for one mask: [S/4, S/4] -> bool [H, W]."""
-    rows = _axis_map(low.shape[0], size, resized[0], original[0])      # [H, S/4]
-    cols = _axis_map(low.shape[1], size, resized[1], original[1])      # [W, S/4]
-    right = low.astype(np.float32) @ cols.T                             # [S/4, W]
+    """Sam.postprocess_masks + (logits > threshold) for one mask: [S/4, S/4] -> bool [H, W].
+    Twin of upsample_logits (dense matrices, the plain reference): the same weights as taps."""
+    ri, rw = _axis_taps(low.shape[0], size, resized[0], original[0])    # [H, K]
+    ci, cw = _axis_taps(low.shape[1], size, resized[1], original[1])    # [W, K]
+    low = low.astype(np.float32)
+    right = low[:, ci[:, 0]] * cw[:, 0]                                  # [S/4, W]
+    for k in range(1, ci.shape[1]):
+        right += low[:, ci[:, k]] * cw[:, k]
+    right = np.ascontiguousarray(right)          # rows are gathered below: C order (10x faster)
+    h, w = original
     out = np.empty(original, bool)
-    for r0 in range(0, original[0], STRIPE_ROWS):
-        out[r0:r0 + STRIPE_ROWS] = rows[r0:r0 + STRIPE_ROWS] @ right > threshold
+    acc = np.empty((min(STRIPE_ROWS, h), w), np.float32)                 # reused per stripe
+    tap = np.empty_like(acc)
+    for r0 in range(0, h, STRIPE_ROWS):
+        n = min(STRIPE_ROWS, h - r0)
+        a, b = acc[:n], tap[:n]
+        np.take(right, ri[r0:r0 + n, 0], axis=0, out=a, mode="clip")    # [n, W]
+        a *= rw[r0:r0 + n, 0, None]
+        for k in range(1, ri.shape[1]):
+            np.take(right, ri[r0:r0 + n, k], axis=0, out=b, mode="clip")
+            b *= rw[r0:r0 + n, k, None]
+            a += b
+        np.greater(a, threshold, out=out[r0:r0 + n])
     return out
 
 
@@ -91,9 +124,10 @@ def upsample_logits(low: np.ndarray, size: int, resized: tuple[int, int], origin
 _EIGHT = np.ones((3, 3), bool)     # cv2.connectedComponentsWithStats(..., 8)
 
 
-def fill_small_holes(mask: np.ndarray, area: int) -> np.ndarray:
+def fill_small_holes_plain(mask: np.ndarray, area: int) -> np.ndarray:
     """amg.remove_small_regions(mask, area, mode="holes")[0]: every 8-connected region of
-    background smaller than `area` pixels becomes foreground (border regions included)."""
+    background smaller than `area` pixels becomes foreground (border regions included).
+    The plain reference of fill_small_holes: labels the whole picture."""
     from scipy import ndimage
 
     labels, n = ndimage.label(~mask, structure=_EIGHT)
@@ -107,6 +141,39 @@ def fill_small_holes(mask: np.ndarray, area: int) -> np.ndarray:
     return mask | small[labels]
 
 
+def fill_small_holes(mask: np.ndarray, area: int) -> np.ndarray:
+    """fill_small_holes_plain (its twin), labelling only the box B around the foreground grown
+    by one pixel (clipped to the picture). Each side of B with picture pixels past it is all
+    background, and every pixel past B joins a region touching such a side, so the regions
+    touching none of them are the same as in the whole picture. A region touching the ring is at least its size inside B; when each of
+    them has >= area pixels there, none is a hole in either computation. Otherwise (a mask
+    nearly filling a small picture) the whole picture is labelled."""
+    from scipy import ndimage
+
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return fill_small_holes_plain(mask, area)
+    h, w = mask.shape
+    r0, r1 = max(rows[0] - 1, 0), min(rows[-1] + 2, h)
+    c0, c1 = max(cols[0] - 1, 0), min(cols[-1] + 2, w)
+    crop = mask[r0:r1, c0:c1]                                            # [h', w'] view
+    labels, n = ndimage.label(~crop, structure=_EIGHT)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    small = sizes < area
+    small[0] = False
+    if not small.any():
+        return mask
+    beyond = (r0 > 0, r1 < h, c0 > 0, c1 < w)              # sides of B with picture pixels past them
+    ring = [side for side, b in zip((labels[0], labels[-1], labels[:, 0], labels[:, -1]), beyond) if b]
+    if ring and small[np.concatenate(ring)].any():         # a region reaching past B is small inside B
+        return fill_small_holes_plain(mask, area)
+    out = mask.copy()
+    out[r0:r1, c0:c1] |= small[labels]
+    return out
+
+
 class Segmenter:
     """Runs the two SAM graphs: embed a picture once, then one mask per box."""
 
@@ -118,16 +185,16 @@ class Segmenter:
         pixels, resized = prepare_image(rgb, self.spec)
         return self.encoder.run(None, {"pixel_values": pixels})[0], resized
 
+    def finish(self, low: np.ndarray, resized: tuple[int, int], original: tuple[int, int]) -> np.ndarray:
+        """One low-res mask [S/4, S/4] -> bool [H, W]: upsampled, thresholded, small holes filled."""
+        mask = upsample_mask(low, self.size, resized, original, float(self.spec.get("mask_threshold", 0.0)))
+        hole = int(self.spec.get("hole_area", 0))
+        return fill_small_holes(mask, hole) if hole > 0 else mask
+
     def masks(self, rgb: np.ndarray, boxes: np.ndarray, embedded=None):
         """xyxy boxes [N, 4] in pixels -> (bool masks, one [H, W] per box (generator), iou [N])."""
         emb, resized = embedded if embedded is not None else self.embed(rgb)
         original = rgb.shape[:2]
         frame = boxes_to_frame(boxes, original, resized)
         low, iou = self.decoder.run(None, {"image_embeddings": emb, "boxes": frame})
-        thr, hole = float(self.spec.get("mask_threshold", 0.0)), int(self.spec.get("hole_area", 0))
-
-        def each():
-            for m in low:
-                mask = upsample_mask(m, self.size, resized, original, thr)
-                yield fill_small_holes(mask, hole) if hole > 0 else mask
-        return each(), iou
+        return (self.finish(m, resized, original) for m in low), iou

@@ -142,3 +142,64 @@ def test_hole_filling_follows_remove_small_regions():
     big = np.zeros((30, 30), bool)       # all background: one 900 px region, nothing to fill
     assert not seg.fill_small_holes(big, 400).any()
     assert seg.fill_small_holes(np.ones((5, 5), bool), 400).all()
+
+
+@pytest.mark.parametrize("n_low, size, resized, original", [
+    (64, 256, (117, 256), (150, 331)),          # wide, odd: padding cropped, upscaled
+    (64, 256, (256, 171), (7, 5)),              # downscaled to a few pixels
+    (64, 256, (256, 256), (1, 1)),
+    (64, 256, (3, 256), (2, 600)),              # a sliver
+    (256, 1024, (768, 1024), (800, 1066)),      # the bench's 4:3 photo
+    (256, 1024, (1024, 683), (3001, 2001)),     # more rows than one stripe, prime-ish sizes
+    (16, 64, (64, 37), (129, 75)),
+])
+def test_tapped_upsampling_equals_the_dense_reference(n_low, size, resized, original):
+    """upsample_mask (taps, stripes) against upsample_logits (dense matrices, the plain twin):
+    the taps are exactly the dense weights, and the masks agree wherever float rounding of
+    the sum cannot flip the sign."""
+    for n_out, kept in zip(original, resized):
+        index, weight = seg._axis_taps(n_low, size, kept, n_out)
+        dense = np.zeros((n_out, n_low), np.float32)
+        np.add.at(dense, (np.arange(n_out)[:, None], index), weight)
+        assert np.array_equal(dense, seg._axis_map(n_low, size, kept, n_out)) and index.shape[1] <= 3
+    rng = np.random.default_rng(n_low + original[0])
+    yy, xx = np.mgrid[:n_low, :n_low]
+    low = (n_low / 4 - np.hypot(yy - n_low / 2, xx - n_low / 3)) + rng.standard_normal((n_low, n_low)) * 3
+    for thr in (0.0, 0.7):
+        ref = seg.upsample_logits(low.astype(np.float32), size, resized, original)
+        got = seg.upsample_mask(low, size, resized, original, thr)
+        sure = np.abs(ref - thr) > 1e-4
+        assert got.shape == original and got.dtype == bool and sure.mean() > 0.99
+        assert np.array_equal(got[sure], ref[sure] > thr)
+
+
+def _blob_masks(rng, h, w, count):
+    """Masks with holes of every size, placed anywhere (touching sides and corners too)."""
+    for _ in range(count):
+        m = np.zeros((h, w), bool)
+        y0, x0 = rng.integers(0, h), rng.integers(0, w)
+        y1, x1 = rng.integers(y0, h + 1), rng.integers(x0, w + 1)
+        m[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) > rng.choice([0.0, 0.05, 0.5])
+        for _ in range(rng.integers(0, 6)):                      # holes of 1 to ~600 px
+            hy, hx = rng.integers(0, h), rng.integers(0, w)
+            m[hy:hy + rng.integers(1, 30), hx:hx + rng.integers(1, 30)] = False
+        yield m
+
+
+def test_cropped_hole_filling_equals_the_plain_one(monkeypatch):
+    """fill_small_holes (labels the mask's box + a ring) against fill_small_holes_plain (the
+    whole picture) on awkward sizes; both of its paths (crop, fallback) are taken."""
+    plain = seg.fill_small_holes_plain
+    fallbacks = []
+    monkeypatch.setattr(seg, "fill_small_holes_plain", lambda m, a: fallbacks.append(1) or plain(m, a))
+    rng = np.random.default_rng(0)
+    cases = 0
+    for h, w in ((1, 1), (1, 500), (7, 5), (30, 30), (97, 331), (400, 3), (203, 211)):
+        for m in list(_blob_masks(rng, h, w, 25)) + [np.zeros((h, w), bool), np.ones((h, w), bool)]:
+            for area in (1, 50, 400):
+                assert np.array_equal(seg.fill_small_holes(m, area), plain(m, area)), (h, w, area)
+                cases += 1
+    frame = np.zeros((200, 200), bool)                          # a 2 px frame: small inside the box,
+    frame[:198, :198] = True                                    # 796 px in the picture: kept
+    assert np.array_equal(seg.fill_small_holes(frame, 400), frame)
+    assert 0 < len(fallbacks) < cases
