@@ -131,10 +131,9 @@ def run_profile(args) -> dict:
                                session_mod.ModalityEncoder.__init__)})
     session_mod.load_projector = probe.wrap("projector", session_mod.load_projector)
     session_mod.Session._warmup = probe.wrap("warm-up (system prompt decoded)", session_mod.Session._warmup)
-    encode = session_mod.Session.encode_media
-    session_mod.Session.encode_media = probe.wrap(lambda self, m, *a, **k: f"{m} encode (turn)", encode)
-    llm_mod.Llm.sync = probe.wrap(lambda *a, **k: "prefill (turn)" if len(probe.stack) == 1 else "decode (warm-up)",
-                                  llm_mod.Llm.sync)
+    encode = session_mod.Session.encode_media_rows              # what Conversation.send encodes with
+    session_mod.Session.encode_media_rows = probe.wrap(lambda self, m, *a, **k: f"{m} encode (turn)", encode)
+    llm_mod.Llm.sync = probe.wrap("decode (warm-up)", llm_mod.Llm.sync)     # a turn's prompt: the scheduler
 
     options = {"n_ctx": args.n_ctx, "threads": args.threads, **PROFILE_OPTIONS[args.profile]}
     t0 = time.perf_counter()
@@ -152,7 +151,9 @@ def run_profile(args) -> dict:
         conv = session.chat()
         reply = conv.send(QUESTION, images=[img], temperature=0, max_tokens=args.tokens, ignore_stop=True)
         pieces = iter(reply)
+        before = probe.begin()
         next(pieces, None)                                          # prefill + first token
+        probe.end("prefill (turn)", before)
         before = probe.begin()
         for _ in pieces:
             pass

@@ -1,22 +1,39 @@
 """Conversations and streamed replies.
 
 `Conversation.send` checks and encodes eagerly (bad media, unknown options and an
-over-long prompt fail right there, touching nothing); the returned `Reply` prefills and
-decodes lazily as it is iterated, yielding text pieces, and can be cancelled.
+over-long prompt fail right there, touching nothing); the returned `Reply` is read
+lazily, yielding text pieces, and can be cancelled. Replies of several conversations of
+one session are made together (runtime/batch.py): read them from several threads, or
+interleave them from one; whichever reader asks steps all of them.
+
+History: a conversation keeps each answer's generated token ids (`history="ids"`, the
+default), so the next turn decodes only what is new, as llama.cpp's server does. The
+originals (MiniGPT-4, PandaGPT, ...) re-tokenize the answer text into the next prompt;
+`history="text"` does that, at the cost of decoding the answer again. The two can give
+different tokens at the answer's borders, and so a different turn 2.
+
+Long conversations: when a turn would leave less than `min(max_tokens, n_ctx / 4)`
+positions for the answer, the oldest whole turns are left out of the prompt (never the
+system prompt, never part of a picture's rows), in blocks of about half the context so
+that the prompt's start moves rarely and its KV is reused in between; the reply reports
+how many (`Reply.dropped_turns`). `overflow="error"` refuses instead (PromptTooLong).
 """
 from __future__ import annotations
 
-import codecs
 import dataclasses
+import hashlib
 import logging
-import threading
 import time
+import weakref
 
-from .errors import OptionError, PromptTooLong
+from .errors import OptionError
 from .llm import Sampling
 from .modalities import SEND_ARGS
+from .stream import Job
 from .template import MediaRef, Message, history_answer, render, to_cells
 
+HISTORY_MODES = ("ids", "text")
+OVERFLOW_MODES = ("drop", "error")
 DEFAULT_MAX_TOKENS = 256
 log = logging.getLogger("scops")
 
@@ -35,7 +52,7 @@ class GenOptions:
         if unknown:
             raise OptionError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         s = Sampling(**{k: v for k, v in kw.items() if k in names and v is not None})
-        checks = [(s.temperature >= 0, "temperature must be >= 0"), (s.top_k >= 0, "top_k must be >= 0"),
+        checks = [(s.temperature >= 0, "temperature must be >= 0"), (0 <= s.top_k < 2**31, "top_k must be in [0, 2**31)"),
                   (0 < s.top_p <= 1, "top_p must be in (0, 1]"), (s.repeat_penalty > 0, "repeat_penalty must be > 0")]
         max_tokens = DEFAULT_MAX_TOKENS if kw.get("max_tokens") is None else kw["max_tokens"]
         checks.append((isinstance(max_tokens, int) and max_tokens > 0, "max_tokens must be a positive integer"))
@@ -48,15 +65,24 @@ class GenOptions:
 
 
 class Conversation:
-    def __init__(self, session, system: str | None = None):
+    def __init__(self, session, system: str | None = None, history: str | None = None,
+                 overflow: str | None = None):
         self.session = session
         self.system = system
+        self.history = history or session.opts.history
+        self.overflow = overflow or session.opts.overflow
+        if self.history not in HISTORY_MODES:
+            raise OptionError(f"history must be one of {', '.join(HISTORY_MODES)}, not {self.history!r}")
+        if self.overflow not in OVERFLOW_MODES:
+            raise OptionError(f"overflow must be one of {', '.join(OVERFLOW_MODES)}, not {self.overflow!r}")
         self.messages: list[Message] = []
         self._media: dict = {}          # key -> (modality, rows): this chat's media, never evicted
         self._facts: dict = {}          # key -> decoding facts (size, duration, source)
+        self._job: Job | None = None    # the reply in progress, if any
         self.picture = None              # grounding of the latest picture (a Future): what BuboGPT answers point into
 
     def reset(self) -> None:
+        self._stop_active()
         self.messages, self._media, self._facts, self.picture = [], {}, {}, None
 
     def media(self) -> list[dict]:
@@ -80,12 +106,22 @@ class Conversation:
                              float(m.get("duration", 0.0))) for m in self.media()]
         return parse_answer(text, geo)
 
-    def add(self, role: str, text: str, **media) -> None:
-        """Put an earlier turn into the history without generating (e.g. a replayed chat)."""
+    def add(self, role: str, text: str, token_ids=None, **media) -> None:
+        """Put an earlier turn into the history without generating (e.g. a replayed chat).
+        An answer this session generated is recognised by its text and position and kept
+        as its token ids (history="ids"); `token_ids` gives them explicitly."""
         if role not in ("user", "assistant"):
             raise OptionError(f"role must be 'user' or 'assistant', not {role!r}")
+        self._stop_active()
         refs = self._encode(media, text)[0]
-        self.messages.append(Message(role, text if role == "user" else text.strip(), refs))
+        if role == "user":
+            self.messages.append(Message("user", text, refs))
+            return
+        answer = text.strip()
+        if token_ids is None and self.history == "ids":
+            token_ids = self.session.recall_answer(self._answer_key(self.messages, answer))
+        self.messages.append(Message("assistant", answer, refs,
+                                     tuple(token_ids) if token_ids is not None and self.history == "ids" else None))
 
     def _encode(self, media: dict, instruction: str) -> tuple[list, dict]:
         """media: {"images": [...], "audios": [...], ...} -> refs (in SEND_ARGS order), timings."""
@@ -100,10 +136,10 @@ class Conversation:
             sources = list(sources)
             if not sources:
                 continue
-            got, t = self.session.encode_media(modality, sources, instruction)
+            got, rows, t = self.session.encode_media_rows(modality, sources, instruction)
+            self._media.update(rows)
             for r in got:
-                self._media[r.key] = self.session.media_rows(r.key)
-                self._facts[r.key] = self.session.facts.get(r.key, {})
+                self._facts[r.key] = self.session.media_facts(r.key)
             if modality == "image" and self.session.grounder is not None:
                 self.picture = self.session.grounder.future(got[-1].key)
             refs += got
@@ -134,20 +170,74 @@ class Conversation:
     def send(self, text: str, **options) -> "Reply":
         """send(text, images=[...], audios=[...], videos=..., thermals=..., depths=..., imus=...,
         temperature=..., top_k=..., top_p=..., repeat_penalty=..., seed=..., max_tokens=...,
-        stop=[...], ignore_stop=False)"""
+        stop=[...], ignore_stop=False). A reply of this conversation still in progress is
+        cancelled first (its partial answer stays in the history)."""
         media = {k: options.pop(k) for k in list(options) if k in SEND_ARGS}
         opts = GenOptions.from_kwargs(**options)
         if not isinstance(text, str):
             raise OptionError("text must be a string")
+        self._stop_active()
         t0 = time.perf_counter()
         refs, timings = self._encode(media, text)
         user = Message("user", text, refs)
         self._forget_unused_media([user])
-        cells = self._cells(self.messages + [user])
-        if len(cells) >= self.session.llm.n_ctx_max:
-            raise PromptTooLong(f"the conversation needs {len(cells)} positions but the context holds "
-                                f"{self.session.llm.n_ctx_max}; shorten the prompt or start a new chat")
-        return Reply(self, user, cells, opts, timings, time.perf_counter() - t0)
+        cells, dropped = self._fit(user, opts)
+        stops = list(opts.stop)
+        if not opts.ignore_stop:
+            stops += self.session.bundle.template.get("stop", [])
+        history = list(self.messages)
+
+        def done(job: Job) -> None:          # the scheduler ends the job: the turn joins the history
+            if job.t_first is None:          # cancelled before its prompt was read: as if never sent
+                return
+            ids = job.answer_ids() if self.history == "ids" else None
+            if ids is not None:
+                answer = job.text.strip()
+                self.session.remember_answer(self._answer_key(history + [user], answer), ids)
+                self.messages += [user, Message("assistant", answer, [], tuple(ids))]
+            else:   # as the original builds its history (PandaGPT: its ids less the last two, decoded)
+                generated = job.token_ids + ([job.eog] if job.eog is not None else [])
+                answer = history_answer(self.session.bundle.template, job.text, generated, self.session.llm.piece)
+                self.messages += [user, Message("assistant", answer)]
+            job.grounding = self.ground(job.text)
+        # e.g. Emu's min_length=1: EOS is banned until this many tokens are out
+        min_new = 0 if opts.ignore_stop else int(self.session.bundle.template.get("min_new_tokens", 0))
+        job = Job(self.session.llm, cells, opts, stops, _fill_from(self.session, self._media),
+                  time.perf_counter() - t0, timings, done, min_new)
+        self._job = job
+        return Reply(self, user, job, dropped)
+
+    def _stop_active(self) -> None:
+        if self._job is not None and not self._job.finished:
+            self.session.scheduler.cancel(self._job)
+        self._job = None
+
+    def _fit(self, user: Message, opts: GenOptions) -> tuple[list, int]:
+        """The prompt's cells, leaving out the oldest turns if the prompt outgrows the context
+        (see the module doc); -> (cells, turns left out)."""
+        llm = self.session.llm
+        msgs = self.messages + [user]
+        cells = self._cells(msgs)
+        reserve = min(opts.max_tokens, llm.n_ctx_max // 4)      # room for the answer
+        starts = [i for i, m in enumerate(msgs) if m.role == "user" and i > 0]
+        if len(cells) + reserve <= llm.n_ctx_max or self.overflow == "error" or not starts:
+            llm.check_fits(len(cells))
+            return cells, 0
+        block = max(1, llm.n_ctx_max // 2)
+        target = -(-(len(cells) + reserve - llm.n_ctx_max) // block) * block     # whole blocks
+        for start in starts:
+            window = self._cells(msgs[start:])
+            if len(cells) - len(window) >= target:
+                break
+        llm.check_fits(len(window))
+        return window, sum(m.role == "user" for m in msgs[:start])
+
+    def _answer_key(self, before: list[Message], answer: str) -> str:
+        """Identity of an answer: the conversation before it and its text."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((self.system, [(m.role, m.text, [r.key for r in m.media], m.token_ids) for m in before],
+                       answer)).encode("utf-8", "surrogatepass"))
+        return h.hexdigest()
 
 
 def _n_rows(entry) -> int:
@@ -158,48 +248,70 @@ def _n_rows(entry) -> int:
 class Reply:
     """Iterate for text pieces; afterwards .text, .token_ids, .finish_reason, .timings."""
 
-    def __init__(self, conv: Conversation, user: Message, cells: list, opts: GenOptions,
-                 timings: dict, setup_s: float):
-        self.conv, self.user, self.cells, self.opts = conv, user, cells, opts
-        self.timings = dict(timings)
-        self._setup_s = setup_s
-        self.text = ""
-        self.token_ids: list[int] = []
-        # end offset in .text of each generated token (clipped to the text): answer spans stay
-        # addressable, e.g. for grounding phrases back to tokens
-        self.offsets: list[int] = []
-        # what the answer points at (grounding.Entity), filled when generation ends
-        self.grounding: list = []
-        self.finish_reason: str | None = None
-        self.picture = conv.picture
+    def __init__(self, conv: Conversation, user: Message, job: Job, dropped_turns: int = 0):
+        self.conv, self.user, self._job = conv, user, job
+        self.cells, self.opts = job.cells, job.opts
+        self.dropped_turns = dropped_turns      # earlier turns left out of this prompt (context full)
+        self._scheduler = conv.session.scheduler
+        self.picture = conv.picture             # BuboGPT: the grounding of the latest picture (a Future)
         self._grounding = None
-        self._eog: int | None = None       # the end-of-generation token that ended it, if one did
-        self._cancel = threading.Event()
-        self._gen = self._run()
+        weakref.finalize(self, job.cancel_requested.set)   # a reply nobody holds frees its slot
+
+    def start(self, listener=None) -> "Reply":
+        """Queue it for generation now (reading it does so too); `listener()` is then called
+        from the generating thread whenever pieces arrive or it ends."""
+        self._job.listener = listener
+        self._scheduler.submit(self._job)
+        return self
 
     def __iter__(self):
         return self
 
     def __next__(self) -> str:
-        return next(self._gen)
+        job = self._job
+        while True:
+            if job.pieces:
+                return job.pieces.popleft()
+            if job.finished:
+                if job.error is not None:
+                    raise job.error
+                raise StopIteration
+            self._scheduler.submit(job)
+            self._scheduler.pump(job)
+
+    def take(self) -> list[str]:
+        """The pieces generated so far and not yet read (never blocks)."""
+        out = []
+        while self._job.pieces:
+            out.append(self._job.pieces.popleft())
+        return out
+
+    @property
+    def finished(self) -> bool:
+        return self._job.finished
 
     def cancel(self) -> None:
-        self._cancel.set()
+        self._job.cancel_requested.set()
 
     def close(self) -> None:
-        self._cancel.set()
-        self._gen.close()
+        self._scheduler.cancel(self._job)
 
     def result(self) -> "Reply":
         for _ in self:
             pass
         return self
 
+    text = property(lambda self: self._job.text)
+    token_ids = property(lambda self: self._job.token_ids)
+    # end offset in .text of each generated token: answer spans stay addressable (grounding)
+    offsets = property(lambda self: self._job.offsets)
+
     @property
     def grounding(self) -> list:
-        """The answer's entities (runtime/grounding.py) once it is complete: BuboGPT bundles
-        link its phrases to what the grounding stages found in the conversation's latest
-        picture (waiting for them if they are still running); [] otherwise."""
+        """The answer's entities (runtime/grounding.py) once it is complete: LEGO's answers carry
+        their own (set as generation ends); BuboGPT bundles link its phrases to what the
+        grounding stages found in the conversation's latest picture (waiting for them if they
+        are still running); [] otherwise."""
         return self._ground()[0]
 
     @property
@@ -209,15 +321,14 @@ class Reply:
 
     @grounding.setter
     def grounding(self, entities) -> None:
-        """Families whose answers carry their own grounding (LEGO) set it as generation ends."""
-        self._text_grounding = list(entities)
+        self._job.grounding = list(entities)
 
     def _ground(self) -> tuple:
-        if getattr(self, "_text_grounding", None):
-            return self._text_grounding, {}
+        if self._job.grounding:
+            return self._job.grounding, {}
         if self._grounding is None:
             grounder = self.conv.session.grounder
-            if grounder is None or self.picture is None or self.finish_reason is None:
+            if grounder is None or self.picture is None or not self._job.finished:
                 return [], {}
             try:
                 picture = self.picture.result()
@@ -228,92 +339,10 @@ class Reply:
             self._grounding = grounder.entities(picture, self.text)
         return self._grounding
 
-    def _run(self):
-        session, llm = self.conv.session, self.conv.session.llm
-        if session.active is not None and session.active is not self:
-            session.active.close()
-        session.active = self
-        stops = list(self.opts.stop)
-        if not self.opts.ignore_stop:
-            stops += session.bundle.template.get("stop", [])
-        sampler = None
-        added = False
-        try:
-            t0 = time.perf_counter()
-            fill = _fill_from(session, self.conv._media)
-            llm.reserve(min(len(self.cells) + self.opts.max_tokens, llm.n_ctx_max))   # prompt + answer
-            reused, decoded = llm.sync(self.cells, fill)
-            session.stats.cells_reused += reused
-            session.stats.cells_decoded += decoded
-            t1 = time.perf_counter()
-            self.timings.update(prefill_ms=(t1 - t0) * 1e3, reused_cells=reused, decoded_cells=decoded)
-            self.conv.messages.append(self.user)
-            added = True
-            sampler = llm.make_sampler(self.opts.sampling, [c for c in self.cells if isinstance(c, int)])
-            yield from self._generate(llm, sampler, stops, t0)
-        finally:
-            if sampler is not None:
-                llm.free_sampler(sampler)
-            if added:
-                answer = history_answer(session.bundle.template, self.text,
-                                        self.token_ids + ([self._eog] if self._eog is not None else []), llm.piece)
-                self.conv.messages.append(Message("assistant", answer))
-            if self.finish_reason is None:
-                self.finish_reason = "cancelled"
-            if session.active is self:
-                session.active = None
-
-    def _generate(self, llm, sampler, stops, t0):
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        full, emitted = "", 0
-        holdback = max((len(s) for s in stops), default=1) - 1
-        t_first = t_last = None
-        # e.g. Emu's min_length=1: EOS is banned until this many tokens are out
-        min_new = 0 if self.opts.ignore_stop else int(self.conv.session.bundle.template.get("min_new_tokens", 0))
-        while True:
-            if self._cancel.is_set():
-                self.finish_reason = "cancelled"
-                break
-            if len(self.token_ids) < min_new:
-                llm.suppress_eog()
-            tok = llm.sample(sampler)
-            t_last = time.perf_counter()
-            if t_first is None:
-                t_first = t_last
-                self.timings["ttft_ms"] = (self._setup_s + t_first - t0) * 1e3
-            if llm.is_eog(tok) and not self.opts.ignore_stop:
-                self.finish_reason, self._eog = "stop", tok
-                break
-            self.token_ids.append(tok)
-            seen = max(0, len(full) - holdback)      # text before this can hold no stop string
-            full += decoder.decode(llm.piece(tok))
-            if emitted == 0:
-                full = full.lstrip()
-            self.offsets.append(len(full))
-            cut = min((i for i in (full.find(s, seen) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                full = full[:cut]
-                self.finish_reason = "stop"
-            end = len(full) if cut >= 0 else max(emitted, len(full) - holdback)
-            if end > emitted:
-                self.text = full[:end]
-                yield full[emitted:end]
-                emitted = end
-            if cut >= 0:
-                break
-            if len(self.token_ids) >= self.opts.max_tokens or len(llm.cells) + 1 >= llm.n_ctx:
-                self.finish_reason = "length"
-                break
-            llm.decode_tokens([tok], True)
-        if emitted < len(full) and self.finish_reason != "cancelled":
-            yield full[emitted:]
-        self.text = full
-        self.offsets = [min(o, len(full)) for o in self.offsets]
-        self.grounding = self.conv.ground(full)
-        n = len(self.token_ids)
-        self.timings["n_tokens"] = n
-        if t_first is not None and n > 1 and t_last > t_first:
-            self.timings["decode_tok_s"] = (n - 1) / (t_last - t_first)
+    finish_reason = property(lambda self: self._job.finish_reason)
+    timings = property(lambda self: self._job.timings)
+    snapshot_restored = property(lambda self: self._job.snapshot_restored)
+    error = property(lambda self: self._job.error)
 
 
 def _fill_from(session, media: dict):

@@ -134,15 +134,15 @@ class Imaginer:
         def fill(out, key, start):
             modality, rows = media[key]
             s.projectors[modality].forward(rows[start:start + len(out)], out=out)
-        return regress(llm, cells, self.special[self.gen["boi"]].id, self.head, int(self.gen["n_embeds"]), fill)
+        with s.scheduler.borrow() as seq:                # no chat step runs on the LLM meanwhile
+            return regress(llm, cells, self.special[self.gen["boi"]].id, self.head, int(self.gen["n_embeds"]),
+                           fill, seq=seq)
 
     def generate(self, prompt: str, images=(), options: ImageOptions = ImageOptions(),
                  latents: np.ndarray | None = None, progress=None, cancel=None) -> GeneratedImage:
         images = [images] if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__") else list(images)
         self.check(prompt, images, options)
         s = self.session
-        if s.active is not None:                     # the LLM's KV is about to change under it
-            s.active.close()
         t0 = time.perf_counter()
         refs, media = [], {}
         if images:

@@ -1,11 +1,17 @@
 """llama.cpp through llama-cpp-python's low-level API: the splice protocol.
 
-A turn is a list of cells: token ids (int) and media rows (a (key, row) tuple). The KV
-cache of sequence 0 mirrors `self.cells`; `sync` keeps the longest common prefix of what
-is cached and what the turn needs, removes the rest and decodes only the difference:
+A turn is a list of cells: token ids (int) and media rows (a (key, row) tuple). The
+context holds `n_seq` sequences (one per parallel conversation) in one unified KV cache;
+`self.seqs[s]` mirrors what sequence s holds. `sync` keeps the longest common prefix of
+what is cached and what a turn needs, removes the rest and decodes only the difference:
 text as token batches, media as `embd` batches (never mixed, never over n_batch), with
 logits requested for the last position only. Media rows are written by a callback
 straight into the batch's `embd` memory (the projector's output buffer).
+
+`decode_step` puts token runs of several sequences into one `llama_decode` (continuous
+batching: one new token of every streaming reply plus a chunk of a new prompt); the
+KV is unified because llama.cpp splits a batch over per-sequence streams into equal
+parts, which turns a mixed batch into one ubatch per token.
 """
 from __future__ import annotations
 
@@ -59,6 +65,10 @@ class LlmOptions:
     # 0: the KV cache holds n_ctx positions from the start. > 0: it starts with this many
     # and grows (up to n_ctx) when a conversation needs more: sized to the conversation.
     n_ctx_start: int = 0
+    # Sequences (parallel conversations). Each may hold n_ctx positions: the unified cache
+    # has n_ctx * n_seq cells, so its memory grows with n_seq (cells of a shared prefix,
+    # such as the system prompt, are stored once).
+    n_seq: int = 1
 
 
 # A growing context is resized in steps of this many positions (at least 1.5x each time,
@@ -79,9 +89,19 @@ class Sampling:
 
 @dataclass(frozen=True)
 class LlmState:
-    """A copy of sequence 0's KV (llama.cpp's own serialisation) and the cells it holds."""
+    """A copy of one sequence's KV (llama.cpp's own serialisation) and the cells it holds."""
     cells: tuple
     data: bytes
+
+
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common prefix of two cell lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class Llm:
@@ -98,6 +118,9 @@ class Llm:
             raise BundleError(f"{path}: llama.cpp could not load this GGUF")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.threads = opts.n_threads or os.cpu_count() or 1
+        if opts.n_seq < 1:
+            raise ValueError("n_seq must be >= 1")
+        self.n_seq = opts.n_seq
         self.n_ctx_max = opts.n_ctx
         self.kv_type = opts.kv_type
         self.ctx = None
@@ -110,7 +133,7 @@ class Llm:
         # [n_batch * n_embd] float32 view of the embd batch: the projector writes here
         self._embd = np.ctypeslib.as_array(self._emb_batch.embd, shape=(self.n_batch * self.n_embd,))
         self._embd_own = self._emb_batch.embd          # llama_batch_free frees this one
-        self.cells: list = []
+        self.seqs: list[list] = [[] for _ in range(opts.n_seq)]
         self._piece_buf = ctypes.create_string_buffer(256)
 
     def set_embd_buffer(self, buf: np.ndarray) -> None:
@@ -124,13 +147,16 @@ class Llm:
         self._embd = buf
 
     def _new_context(self, n_ctx: int) -> None:
-        """Create the llama context (KV cache of n_ctx positions); q8_0 KV falls back to f16
-        where llama.cpp refuses it (a quantized V cache needs flash attention)."""
+        """Create the llama context (one unified KV cache of n_ctx positions per sequence);
+        q8_0 KV falls back to f16 where llama.cpp refuses it (a quantized V cache needs flash
+        attention)."""
         L, opts = self.L, self.opts
         types = {"f16": L.GGML_TYPE_F16, "f32": L.GGML_TYPE_F32, "q8_0": L.GGML_TYPE_Q8_0}
         for kv in dict.fromkeys((self.kv_type, "f16")):
             cparams = L.llama_context_default_params()
-            cparams.n_ctx = n_ctx
+            cparams.n_ctx = n_ctx * self.n_seq
+            cparams.n_seq_max = self.n_seq
+            cparams.kv_unified = True
             cparams.n_batch = cparams.n_ubatch = opts.n_batch
             cparams.n_threads = cparams.n_threads_batch = self.threads
             cparams.type_k = cparams.type_v = types[kv]
@@ -148,11 +174,11 @@ class Llm:
             self.model = None
             raise BundleError(f"{self.path}: llama.cpp could not create a context (n_ctx={n_ctx})")
         self.mem = L.llama_get_memory(self.ctx)
-        self.n_ctx = L.llama_n_ctx(self.ctx)
+        self.n_ctx = L.llama_n_ctx(self.ctx) // self.n_seq      # positions per sequence
 
     def reserve(self, n: int) -> bool:
-        """Room for n positions: grows a context made with n_ctx_start (its state moves over
-        whole, every sequence's cells included). False when n exceeds n_ctx_max."""
+        """Room for n positions in each sequence: grows a context made with n_ctx_start (its
+        state moves over whole, every sequence's cells included). False when n exceeds n_ctx_max."""
         if n <= self.n_ctx:
             return True
         if n > self.n_ctx_max:
@@ -167,7 +193,8 @@ class Llm:
         self.ctx = None
         self._new_context(target)
         if L.llama_state_set_data(self.ctx, buf, written) != written:
-            self.truncate(0)
+            for seq in range(self.n_seq):
+                self.truncate(0, seq)
             raise RuntimeError(f"growing the context to {target} positions lost its state")
         log.debug("context grown to %d positions (%d needed)", self.n_ctx, n)
         return True
@@ -189,36 +216,56 @@ class Llm:
     def is_eog(self, token: int) -> bool:
         return bool(self.L.llama_vocab_is_eog(self.vocab, token))
 
-    # ---- decoding ---------------------------------------------------------------
-    def _fill_common(self, batch, n: int, last_logits: bool) -> None:
-        pos0 = len(self.cells)
-        for i in range(n):
-            batch.pos[i] = pos0 + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 0
-        batch.logits[n - 1] = 1 if last_logits else 0
-        batch.n_tokens = n
+    @property
+    def cells(self) -> list:
+        """What sequence 0 holds (the only one when n_seq is 1)."""
+        return self.seqs[0]
 
-    def _decode(self, batch, cells: Sequence) -> None:
+    # ---- decoding ---------------------------------------------------------------
+    def _decode(self, batch, added: dict) -> None:
+        """llama_decode; then each sequence's mirror grows by its cells in `added`."""
         rc = self.L.llama_decode(self.ctx, batch)
         if rc != 0:
-            # llama.cpp leaves the KV as it was before this batch on failure
-            self.truncate(len(self.cells))
+            for seq in added:            # forget whatever part of this batch may have landed
+                self.L.llama_memory_seq_rm(self.mem, seq, len(self.seqs[seq]), -1)
             raise RuntimeError(f"llama_decode failed with status {rc}")
-        self.cells.extend(cells)
+        for seq, cells in added.items():
+            self.seqs[seq].extend(cells)
 
-    def decode_tokens(self, tokens: Sequence[int], logits_at_end: bool) -> None:
+    def decode_step(self, runs: Sequence[tuple[int, Sequence[int], bool]]) -> list:
+        """One llama_decode of token runs of several sequences: runs = [(seq, tokens, logits
+        at the run's end)], at most one run per sequence, n_batch tokens in all. Returns the
+        batch index of each run's logits (for `sample`/`logits`), or None where not asked."""
+        b = self._tok_batch
+        n, where, added = 0, [], {}
+        for seq, tokens, want in runs:
+            if seq in added or not tokens:
+                raise ValueError("decode_step: one non-empty run per sequence")
+            if n + len(tokens) > self.n_batch:
+                raise ValueError(f"decode_step: {n + len(tokens)} tokens > n_batch {self.n_batch}")
+            pos0 = len(self.seqs[seq])
+            for i, t in enumerate(tokens):
+                b.token[n] = t
+                b.pos[n] = pos0 + i
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq
+                b.logits[n] = 0
+                n += 1
+            b.logits[n - 1] = 1 if want else 0
+            where.append(n - 1 if want else None)
+            added[seq] = tokens
+        b.n_tokens = n
+        self._decode(b, added)
+        return where
+
+    def decode_tokens(self, tokens: Sequence[int], logits_at_end: bool, seq: int = 0) -> None:
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
-            b = self._tok_batch
-            for i, t in enumerate(chunk):
-                b.token[i] = t
-            self._fill_common(b, len(chunk), logits_at_end and start + len(chunk) == len(tokens))
-            self._decode(b, chunk)
+            self.decode_step([(seq, chunk, logits_at_end and start + len(chunk) == len(tokens))])
 
-    def decode_media(self, cells: Sequence[tuple], fill: FillFn, logits_at_end: bool) -> None:
+    def decode_media(self, cells: Sequence[tuple], fill: FillFn, logits_at_end: bool, seq: int = 0) -> None:
         """cells: consecutive rows (key, row) of one or more media items, in order."""
+        b = self._emb_batch
         for start in range(0, len(cells), self.n_batch):
             chunk = cells[start:start + self.n_batch]
             out = self._embd[:len(chunk) * self.n_embd].reshape(len(chunk), self.n_embd)
@@ -230,58 +277,76 @@ class Llm:
                     j += 1
                 fill(out[i:j], key, row)
                 i = j
-            self._fill_common(self._emb_batch, len(chunk), logits_at_end and start + len(chunk) == len(cells))
-            self._decode(self._emb_batch, chunk)
+            pos0 = len(self.seqs[seq])
+            for i in range(len(chunk)):
+                b.pos[i] = pos0 + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = 0
+            b.logits[len(chunk) - 1] = 1 if logits_at_end and start + len(chunk) == len(cells) else 0
+            b.n_tokens = len(chunk)
+            self._decode(b, {seq: chunk})
 
-    def truncate(self, n: int) -> None:
-        """Forget every cached position >= n."""
-        self.L.llama_memory_seq_rm(self.mem, 0, n, -1)
-        del self.cells[n:]
+    def decode_cells(self, cells: Sequence, fill: FillFn | None, logits_at_end: bool, seq: int = 0) -> None:
+        """Text runs as token batches, media runs as embd batches, in order."""
+        runs = split_runs(cells)
+        for k, (is_media, run) in enumerate(runs):
+            last = logits_at_end and k == len(runs) - 1
+            if is_media:
+                self.decode_media(run, fill, last, seq)
+            else:
+                self.decode_tokens(run, last, seq)
 
-    def sync(self, cells: list, fill: FillFn) -> tuple[int, int]:
-        """Make the KV hold exactly `cells`, decoding only past the common prefix.
+    def truncate(self, n: int, seq: int = 0) -> None:
+        """Forget every position >= n of a sequence."""
+        self.L.llama_memory_seq_rm(self.mem, seq, n, -1)
+        del self.seqs[seq][n:]
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Make sequence dst hold the first n cells of sequence src (shared, not recomputed)."""
+        self.truncate(0, dst)
+        if n:
+            self.L.llama_memory_seq_cp(self.mem, src, dst, 0, n)
+        self.seqs[dst] = list(self.seqs[src][:n])
+
+    def check_fits(self, n_cells: int) -> None:
+        if n_cells >= self.n_ctx_max:
+            raise PromptTooLong(f"the conversation needs {n_cells} positions but the context "
+                                f"holds {self.n_ctx_max}; shorten the prompt or start a new chat")
+
+    def sync(self, cells: list, fill: FillFn | None, seq: int = 0) -> tuple[int, int]:
+        """Make a sequence hold exactly `cells`, decoding only past the common prefix.
 
         Returns (reused, decoded). The last cell is always decoded so logits exist.
         """
         if not self.reserve(len(cells) + 1):
             raise PromptTooLong(f"the conversation needs {len(cells)} positions but the context "
                                 f"holds {self.n_ctx_max}; shorten the prompt or start a new chat")
-        common = 0
-        for a, b in zip(self.cells, cells):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(cells) - 1)
-        self.truncate(common)
-        runs = _split_runs(cells[common:])
-        for k, (is_media, run) in enumerate(runs):
-            last = k == len(runs) - 1
-            if is_media:
-                self.decode_media(run, fill, last)
-            else:
-                self.decode_tokens(run, last)
+        common = min(common_prefix(self.seqs[seq], cells), len(cells) - 1)
+        self.truncate(common, seq)
+        self.decode_cells(cells[common:], fill, True, seq)
         return common, len(cells) - common
 
     # ---- state snapshots --------------------------------------------------------
-    def save_state(self) -> LlmState:
-        """Copy sequence 0's KV out of llama.cpp (bytes, size grows with len(cells))."""
+    def save_state(self, seq: int = 0) -> LlmState:
+        """Copy a sequence's KV out of llama.cpp (bytes, size grows with its cells)."""
         L = self.L
-        size = L.llama_state_seq_get_size(self.ctx, 0)
+        size = L.llama_state_seq_get_size(self.ctx, seq)
         buf = (ctypes.c_uint8 * size)()
-        written = L.llama_state_seq_get_data(self.ctx, buf, size, 0)
-        if written == 0 and self.cells:
+        written = L.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        if written == 0 and self.seqs[seq]:
             raise RuntimeError("llama_state_seq_get_data wrote nothing")
-        return LlmState(tuple(self.cells), ctypes.string_at(buf, written))
+        return LlmState(tuple(self.seqs[seq]), ctypes.string_at(buf, written))
 
-    def load_state(self, state: LlmState) -> None:
-        """Replace sequence 0's KV with a saved one; `self.cells` follows it."""
+    def load_state(self, state: LlmState, seq: int = 0) -> None:
+        """Replace a sequence's KV with a saved one (of any sequence); its mirror follows."""
         L = self.L
-        self.truncate(0)
+        self.truncate(0, seq)
         if state.data:
             buf = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
-            if L.llama_state_seq_set_data(self.ctx, buf, len(state.data), 0) == 0:
+            if L.llama_state_seq_set_data(self.ctx, buf, len(state.data), seq) == 0:
                 raise RuntimeError("llama_state_seq_set_data refused the saved state")
-        self.cells = list(state.cells)
+        self.seqs[seq] = list(state.cells)
 
     # ---- sampling ---------------------------------------------------------------
     def make_sampler(self, s: Sampling, history: Sequence[int] = ()):
@@ -306,15 +371,16 @@ class Llm:
             L.llama_sampler_accept(chain, t)
         return chain
 
-    def sample(self, sampler) -> int:
-        return int(self.L.llama_sampler_sample(sampler, self.ctx, -1))
+    def sample(self, sampler, idx: int = -1) -> int:
+        """Sample (and accept) a token from the logits at batch index idx of the last decode."""
+        return int(self.L.llama_sampler_sample(sampler, self.ctx, idx))
 
     def free_sampler(self, sampler) -> None:
         self.L.llama_sampler_free(sampler)
 
-    def suppress_eog(self) -> None:
-        """Ban EOS (and EOT) in the logits of the last output before it is sampled."""
-        ptr = self.L.llama_get_logits_ith(self.ctx, -1)
+    def suppress_eog(self, idx: int = -1) -> None:
+        """Ban EOS (and EOT) in the logits at batch index idx of the last decode, before sampling."""
+        ptr = self.L.llama_get_logits_ith(self.ctx, idx)
         for t in (self.L.llama_vocab_eos(self.vocab), self.L.llama_vocab_eot(self.vocab)):
             if 0 <= t < self.n_vocab:
                 ptr[t] = -np.inf
@@ -332,9 +398,9 @@ class Llm:
             raise RuntimeError("llama.cpp returned no embeddings (set_embeddings(True) before decoding)")
         return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
 
-    def logits(self) -> np.ndarray:
-        """Logits of the last decoded position that asked for them (a copy)."""
-        ptr = self.L.llama_get_logits_ith(self.ctx, -1)
+    def logits(self, idx: int = -1) -> np.ndarray:
+        """Logits at batch index idx of the last decode (-1: the last that asked; a copy)."""
+        ptr = self.L.llama_get_logits_ith(self.ctx, idx)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def close(self) -> None:
@@ -353,7 +419,7 @@ class Llm:
             pass
 
 
-def _split_runs(cells: Sequence) -> list[tuple[bool, list]]:
+def split_runs(cells: Sequence) -> list[tuple[bool, list]]:
     """[1, 2, (k,0), (k,1), 3] -> [(False, [1, 2]), (True, [(k,0), (k,1)]), (False, [3])]."""
     runs: list[tuple[bool, list]] = []
     for c in cells:

@@ -23,7 +23,7 @@ from pathlib import Path
 from .errors import OptionError, ScopsError
 from .http_handler import ScopsHTTPServer
 from .openai_api import ApiError, ChatRequest, Limits, to_api_error
-from .states import DEFAULT_SNAPSHOTS, StateCache
+from .states import DEFAULT_SNAPSHOTS
 
 log = logging.getLogger("scops")
 
@@ -71,7 +71,8 @@ class Engine:
 
     def __init__(self, session, opts: ServerOptions):
         self.session = session
-        self.states = StateCache(session.llm, opts.snapshots)
+        self.states = session.scheduler.snapshots
+        self.states.capacity = opts.snapshots
         self.jobs: queue.Queue = queue.Queue(maxsize=opts.queue)
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
         self._count_lock = threading.Lock()
@@ -141,8 +142,6 @@ class Engine:
         for turn in req.history:
             conv.add(turn.role, turn.text, **turn.media())
         reply = conv.send(req.last.text, **req.last.media(), **req.gen)
-        restores = self.states.restored
-        self.states.prepare(reply.cells)
         try:
             for piece in reply:
                 if job.cancel.is_set():
@@ -160,7 +159,7 @@ class Engine:
                           "total_tokens": prompt + completion},
                 "scops": {"timings": timings, "reused_cells": t.get("reused_cells", 0),
                           "decoded_cells": t.get("decoded_cells", 0),
-                          "snapshot_restored": self.states.restored > restores}}
+                          "snapshot_restored": reply.snapshot_restored}}
 
 
 class Server:

@@ -5,15 +5,25 @@
     for piece in chat.send("What is in the picture?", images=["cat.jpg"]):
         print(piece, end="")
 
-The KV cache belongs to the session; a conversation is a list of messages that the
-session syncs the cache to (common prefix kept), so the system prompt is computed once
-per session and a new turn decodes only what is new.
+The KV cache belongs to the session: `parallel` sequences in one llama.cpp context, each
+a slot that a conversation's reply is placed in (runtime/batch.py). A conversation is a
+list of messages; its reply decodes only past the longest prefix a slot (or a snapshot)
+already holds, so the system prompt is computed once per session and a new turn decodes
+only what is new. Several conversations of one session generate at once, their decode
+steps batched together:
+
+    session = Session.open("bundle/", parallel=4)
+    a, b = session.chat(), session.chat()
+    ra, rb = a.send("Describe it.", images=["cat.jpg"]), b.send("Hello!")
+    ra.start(), rb.start()
+    print(rb.result().text, ra.result().text)     # or read each from its own thread
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .batch import DEFAULT_PREFILL_CHUNK, Scheduler
 from .bundle import Bundle, open_bundle
 from . import gpu
 from .encode import CPU, ModalityEncoder, pick_providers, short
@@ -37,6 +48,17 @@ from .template import MediaRef, render, to_cells
 log = logging.getLogger("scops")
 
 MEDIA_CACHE_ITEMS = 128       # bridge rows are small (32 x 768 fp32 = 96 KiB per image)
+ANSWER_MEMORY_ITEMS = 1024    # generated ids of recent answers (a few hundred ints each)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A media input reduced to its first encoder stage's batch (the decoded original is
+    gone): what the server keeps of a 16 MP upload is 0.6 MB, not 48 MB."""
+    modality: str
+    key: str                         # content hash of the decoded input (the media-cache key)
+    batch: np.ndarray
+    facts: dict                      # what decoding learnt (size, duration): grounding maps back with it
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,11 @@ class SessionOptions:
     check_memory: bool = True        # refuse at open a bundle needing more memory than is available
     grounding: bool = True           # run a bundle's grounding stages (BuboGPT) beside the chat
     matcher: str = "llm"             # "llm": the bundle's LLM links phrases (rules when it fails) | "rules"
+    parallel: int = 1                # conversations generating at once (llama.cpp sequences)
+    snapshots: int = 0               # KV copies kept of conversations that lost their slot
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK   # prompt cells per step while others stream
+    history: str = "ids"             # answers in the next prompt: "ids" as generated | "text" re-tokenized
+    overflow: str = "drop"           # a prompt outgrowing n_ctx: "drop" oldest turns | "error"
 
 
 # The low-memory profile (`--low-memory`, Session.open(..., low_memory=True)) for boards with
@@ -83,8 +110,6 @@ LOW_MEMORY = dict(
 class Stats:
     encoder_runs: int = 0            # media items that went through the encoders
     media_cache_hits: int = 0
-    cells_reused: int = 0
-    cells_decoded: int = 0
 
 
 def resolve_kv(opts: SessionOptions, quant: str) -> tuple[str, str]:
@@ -127,6 +152,8 @@ class Session:
             if key not in loaded:
                 loaded[key] = load_projector(bundle, stage, proj_backend, opts.threads)
             self.projectors[m] = loaded[key]
+        if opts.parallel < 1 or opts.snapshots < 0 or opts.prefill_chunk < 1:
+            raise OptionError("parallel and prefill_chunk must be >= 1, snapshots >= 0")
         self.llm = self._open_llm(bool(gpus))
         if self.llm.n_embd != int(bundle.manifest["llm"]["n_embd"]):
             msg = f"{bundle.llm_path.name}: n_embd {self.llm.n_embd} != manifest {bundle.manifest['llm']['n_embd']}"
@@ -144,7 +171,9 @@ class Session:
         self._base: OrderedDict = OrderedDict()
         instr = bundle.modalities.get("image", {}).get("instruction")
         self.instruction_tok = InstructionTokenizer(bundle, instr) if instr else None
-        self.active = None                           # the Reply generating now, if any
+        self._lock = threading.Lock()                # media caches, stats, answers: several senders
+        self._answers: OrderedDict = OrderedDict()   # answer key -> generated ids (history="ids")
+        self.scheduler = Scheduler(self.llm, opts.snapshots, opts.prefill_chunk)
         log.info("backends: %s", self.describe_backends())
         if opts.low_memory:
             log.info("low-memory profile: onnx arena %s, encoders %s%s, %s, KV %s, n_ctx %d growing to %d%s",
@@ -170,13 +199,13 @@ class Session:
         args = (o.n_ctx, o.n_batch, o.threads)
         kv_type, flash_attn = resolve_kv(o, self.bundle.manifest["llm"]["quant"])
         try:
-            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, layers, kv_type, flash_attn, o.n_ctx_start))
+            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, layers, kv_type, flash_attn, o.n_ctx_start, o.parallel))
         except BundleError as e:
             if layers == 0:
                 raise
             log.warning("llama.cpp could not load the model onto the GPU (%s); loading it on the CPU", e)
             layers = 0
-            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, 0, kv_type, flash_attn, o.n_ctx_start))
+            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, 0, kv_type, flash_attn, o.n_ctx_start, o.parallel))
         llm.gpu_layers = layers
         return llm
 
@@ -208,16 +237,29 @@ class Session:
             llm = f"llama.cpp {where}: {on}/{n_layer} layers offloaded"
         else:
             llm = f"llama.cpp CPU, {self.llm.threads} threads"
-        return f"onnxruntime {graphs}; projector {proj}; {llm}; n_ctx {self.llm.n_ctx}"
+        return f"onnxruntime {graphs}; projector {proj}; {llm}; n_ctx {self.llm.n_ctx} x {self.llm.n_seq} sequences"
 
     @classmethod
     def open(cls, path, low_memory: bool = False, **options) -> "Session":
         opts = SessionOptions(**{**(LOW_MEMORY if low_memory else {}), **options, "low_memory": low_memory})
         return cls(open_bundle(path, verify=opts.verify), opts)
 
-    def chat(self, system: str | None = None):
+    def chat(self, system: str | None = None, history: str | None = None, overflow: str | None = None):
+        """A new conversation (history / overflow: see runtime/chat.py; default: the session's)."""
         from .chat import Conversation
-        return Conversation(self, system)
+        return Conversation(self, system, history, overflow)
+
+    # ---- answers as generated ------------------------------------------------------------
+    def remember_answer(self, key: str, ids) -> None:
+        with self._lock:
+            self._answers[key] = tuple(ids)
+            self._answers.move_to_end(key)
+            while len(self._answers) > ANSWER_MEMORY_ITEMS:
+                self._answers.popitem(last=False)
+
+    def recall_answer(self, key: str):
+        with self._lock:
+            return self._answers.get(key)
 
     def generate_image(self, prompt: str, images=(), **options):
         """Emu: prompt (+ reference pictures) -> GeneratedImage; options: steps, guidance, height,
@@ -236,76 +278,123 @@ class Session:
             self.projectors[m].forward(np.ascontiguousarray(rows))
         tpl = self.bundle.template
         system = to_cells(render(tpl, [], cue=False), self.llm.tokenize, None, tpl.get("bos", True))
-        self.llm.sync(system or self.llm.tokenize("", True), fill=None)     # empty system: BOS alone
+        system = system or self.llm.tokenize("", True)                       # empty system: BOS alone
+        self.llm.sync(system, fill=None)
+        for seq in range(1, self.llm.n_seq):         # every slot starts with it (cells shared)
+            self.llm.copy_prefix(0, seq, len(system))
+
+    def _kind(self, modality: str):
+        if modality not in self.encoders:
+            raise UnsupportedModality(f"this {self.bundle.family} bundle takes no {modality} input "
+                                      f"(it serves: {', '.join(self.encoders)})")
+        return KINDS[modality], self.bundle.modalities[modality]["preprocess"]
+
+    def prepare_media(self, modality: str, source) -> Prepared:
+        """Decode one input, hash it and reduce it to the first encoder stage's batch at once
+        (the decoded original is dropped here). Thread-safe; the server runs it in a pool."""
+        kind, spec = self._kind(modality)
+        decoded = kind.decode(source, spec)
+        key = f"{modality}:{kind.key(decoded)}"
+        if modality == "image" and self.grounder is not None:
+            self.grounder.submit(key, decoded)       # grounding needs the picture itself (BuboGPT)
+        return Prepared(modality, key, kind.prepare(decoded, spec), kind.facts(decoded))
 
     def encode_media(self, modality: str, sources, instruction: str = "") -> tuple[list[MediaRef], dict]:
-        """Decode, hash, and (unless cached) prepare + encode; returns refs and timings.
+        """Decode, hash, and (unless cached) prepare + encode; returns refs and timings."""
+        refs, _, timings = self.encode_media_rows(modality, sources, instruction)
+        return refs, timings
+
+    def encode_media_rows(self, modality: str, sources, instruction: str = "") -> tuple[list[MediaRef], dict, dict]:
+        """As encode_media, plus {ref key: (modality, rows)} of what it returns (held here, so
+        that another thread's inputs cannot evict them from the cache in between).
+        Sources may be files/bytes/arrays or `Prepared` inputs (decoded and reduced already).
 
         A text-conditioned Q-Former (InstructBLIP) also reads `instruction`: its rows are
         keyed by input and instruction, the instruction-free base (ViT output) by input.
         """
-        if modality not in self.encoders:
-            raise UnsupportedModality(f"this {self.bundle.family} bundle takes no {modality} input "
-                                      f"(it serves: {', '.join(self.encoders)})")
-        kind, enc = KINDS[modality], None
+        kind, spec = self._kind(modality)
+        enc = None                                   # built on first use (lazy encoders)
         uses_instruction = self.encoders.fact(modality, "uses_instruction")
-        spec = self.bundle.modalities[modality]["preprocess"]
         t0 = time.perf_counter()
-        decoded = [kind.decode(src, spec) for src in sources]
-        base_keys = [f"{modality}:{kind.key(d)}" for d in decoded]
+        items, facts = [], []                                        # (base key, decoded, batch)
+        for src in sources:
+            if isinstance(src, Prepared):
+                if src.modality != modality:
+                    raise OptionError(f"a prepared {src.modality} input was given as {modality}")
+                items.append((src.key, None, src.batch))
+                facts.append(src.facts)
+            else:
+                decoded = kind.decode(src, spec)
+                items.append((f"{modality}:{kind.key(decoded)}", decoded, None))
+                facts.append(dict(kind.facts(decoded), **({"source": str(src)} if isinstance(src, (str, Path)) else {})))
         salt = "|q:" + content_hash(np.frombuffer(instruction.encode(), np.uint8)) if uses_instruction else ""
-        refs = [MediaRef(modality, k + salt) for k in base_keys]
-        for ref, src, d in zip(refs, sources, decoded):      # geometry for grounding (size, duration)
-            self.facts[ref.key] = dict(kind.facts(d), **({"source": str(src)} if isinstance(src, (str, Path)) else {}))
-            self.facts.move_to_end(ref.key)
-        while len(self.facts) > MEDIA_CACHE_ITEMS:
-            self.facts.popitem(last=False)
+        refs = [MediaRef(modality, k + salt) for k, _, _ in items]
+        with self._lock:                          # geometry for grounding (size, duration)
+            for ref, f in zip(refs, facts):
+                self.facts[ref.key] = f
+                self.facts.move_to_end(ref.key)
+            while len(self.facts) > MEDIA_CACHE_ITEMS:
+                self.facts.popitem(last=False)
         if modality == "image" and self.grounder is not None:
-            for ref, d in zip(refs, decoded):        # starts now, in the grounding worker
-                self.grounder.submit(ref.key, d)
+            for ref, (_, decoded, _) in zip(refs, items):   # starts now, in the grounding worker
+                if decoded is not None:                     # (a Prepared one was submitted by prepare_media)
+                    self.grounder.submit(ref.key, decoded)
         t_enc = 0.0
-        for ref, k, d in zip(refs, base_keys, decoded):
-            if ref.key in self._media:
-                self.stats.media_cache_hits += 1
+        got: dict = {}
+        for ref, (k, decoded, batch) in zip(refs, items):
+            with self._lock:
+                got[ref.key] = self._media.get(ref.key)
+                self.stats.media_cache_hits += got[ref.key] is not None
+                base = self._base.get(k)
+            if got[ref.key] is not None:
                 continue
             if enc is None:                  # built here if lazy or dropped: that time counts as encoding
                 t1 = time.perf_counter()
                 enc = self.encoders[modality]
                 t_enc += time.perf_counter() - t1
-            base = self._base.get(k)
             if base is None:
-                batch = kind.prepare(d, spec)                        # [N, ...]: N clips / crops / 1
+                if batch is None:
+                    batch = kind.prepare(decoded, spec)                # [N, ...]: N clips / crops / 1
                 t1 = time.perf_counter()
                 base = enc.encode_base(batch)
-                self.stats.encoder_runs += 1
                 t_enc += time.perf_counter() - t1
-                if uses_instruction:         # only then is the base needed again (a new question)
-                    self._base[k] = base
-                    while len(self._base) > MEDIA_CACHE_ITEMS:
-                        self._base.popitem(last=False)
+                with self._lock:
+                    self.stats.encoder_runs += 1
+                    if uses_instruction:         # only then is the base needed again (a new question)
+                        self._base[k] = base
+                        while len(self._base) > MEDIA_CACHE_ITEMS:
+                            self._base.popitem(last=False)
             t1 = time.perf_counter()
             instr = self.instruction_tok.encode(instruction) if uses_instruction else None
             rows = enc.encode_rows(base, instr)[0]                      # [1, Q, D] -> [Q, D]
-            self._remember(ref.key, modality, np.ascontiguousarray(rows))
+            got[ref.key] = (modality, np.ascontiguousarray(rows))
+            self._remember(ref.key, *got[ref.key])
             t_enc += time.perf_counter() - t1
-        for r, k in zip(refs, base_keys):
-            self._media.move_to_end(r.key)
-            if k in self._base:
-                self._base.move_to_end(k)
+        with self._lock:
+            for r, (k, _, _) in zip(refs, items):
+                if r.key in self._media:
+                    self._media.move_to_end(r.key)
+                if k in self._base:
+                    self._base.move_to_end(k)
         total = time.perf_counter() - t0
-        return refs, {"preprocess_ms": (total - t_enc) * 1e3, "encode_ms": t_enc * 1e3}
+        return refs, got, {"preprocess_ms": (total - t_enc) * 1e3, "encode_ms": t_enc * 1e3}
 
     def _remember(self, key: str, modality: str, rows: np.ndarray) -> None:
-        self._media[key] = (modality, rows)
-        while len(self._media) > MEDIA_CACHE_ITEMS:
-            self._media.popitem(last=False)
+        with self._lock:
+            self._media[key] = (modality, rows)
+            while len(self._media) > MEDIA_CACHE_ITEMS:
+                self._media.popitem(last=False)
 
     def media_rows(self, key: str):
-        return self._media.get(key)
+        with self._lock:
+            return self._media.get(key)
+
+    def media_facts(self, key: str) -> dict:
+        with self._lock:
+            return self.facts.get(key, {})
 
     def close(self) -> None:
-        if self.active is not None:
-            self.active.close()
+        self.scheduler.close()
         self.encoders.close()
         if self.grounder is not None:
             self.grounder.close()

@@ -3,7 +3,10 @@
 Rendering keeps user text apart from markup: a literal "<ImageHere>" typed by a user
 stays text, only the template's own media wrap makes a media slot; likewise the template's
 special tokens ("special": {text: id}, e.g. LLaMA-2's "<s>", LEGO's "<im_start>") become
-their ids only where the template's own markup writes them.
+their ids only where the template's own markup writes them. An answer that carries the
+token ids it was generated as is rendered as those ids, right after the assistant cue, as
+the model produced them (the text after it starts a new segment, as the text after a
+picture does); without ids it is rendered as text, as the originals do.
 """
 from __future__ import annotations
 
@@ -22,11 +25,18 @@ class Special:
     id: int             # a single token of the LLM's vocabulary
 
 
+@dataclass(frozen=True)
+class TokenIds:
+    """A segment that is already token ids (an answer as generated)."""
+    ids: tuple
+
+
 @dataclass
 class Message:
     role: str                         # "user" | "assistant"
     text: str
     media: list = field(default_factory=list)
+    token_ids: tuple | None = None    # assistant: the ids it was generated as (None: render the text)
 
 
 def _markup(template: dict, text: str) -> list:
@@ -71,7 +81,7 @@ def _system(template: dict, messages: list[Message]) -> str:
 
 
 def render(template: dict, messages: list[Message], system: str | None = None, cue: bool = True) -> list:
-    """-> [str | MediaRef | Special, ...] for the whole conversation, ending with the
+    """-> [str | MediaRef | Special | TokenIds, ...] for the whole conversation, ending with the
     assistant cue (cue=False: without it, e.g. the system prompt alone)."""
     mark = lambda text: _markup(template, text)  # noqa: E731
     parts: list = mark(_system(template, messages)) if system is None else [system]
@@ -90,7 +100,10 @@ def render(template: dict, messages: list[Message], system: str | None = None, c
             parts += [*mark(head), *content, *mark(tail)]
         else:
             before, _, after = template["answer"].partition("{answer}")
-            parts += [*mark(template["assistant"] + before), msg.text, *mark(after)]
+            if msg.token_ids is not None:    # the ids follow the cue directly, as when generated
+                parts += [*mark(template["assistant"]), TokenIds(tuple(msg.token_ids)), *mark(after)]
+            else:
+                parts += [*mark(template["assistant"] + before), msg.text, *mark(after)]
     if cue:
         parts += mark(template["assistant"])
     merged: list = []
@@ -130,6 +143,8 @@ def to_cells(segments: list, tokenize, rows_of, add_bos) -> list:
             cells += [(seg.key, i) for i in range(rows_of(seg))]
         elif isinstance(seg, Special):
             cells.append(seg.id)
+        elif isinstance(seg, TokenIds):
+            cells += seg.ids
         else:
             cells += tokenize(seg, add_bos and first_text)
             first_text = False

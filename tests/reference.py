@@ -64,13 +64,17 @@ class MiniGPT4Reference:
         segs = prompt.split("<ImageHere>")
         return [([1] if i == 0 else []) + self.sp.encode(s) for i, s in enumerate(segs)]
 
-    @torch.no_grad()
     def generate(self, prompt: str, rgb: np.ndarray | None, max_new_tokens: int) -> list[int]:
+        return self.generate_ids(self.token_ids(prompt), rgb, max_new_tokens)
+
+    @torch.no_grad()
+    def generate_ids(self, segments: list[list[int]], rgb: np.ndarray | None, max_new_tokens: int) -> list[int]:
+        """Greedy continuation of token id segments with the picture's rows between them."""
         lm = self.model.language_model
         embed = lm.get_input_embeddings()
         parts = []
         rows = self.image_rows(self.pixels(rgb)) if rgb is not None else None
-        for i, ids in enumerate(self.token_ids(prompt)):
+        for i, ids in enumerate(segments):
             if i > 0:
                 parts.append(rows)
             parts.append(embed(torch.tensor([ids])))

@@ -164,10 +164,11 @@ def test_audio_turn_equals_reference(session, ref, sounds):
 @pytest.mark.parametrize("order", [("image", "audio"), ("audio", "image")])
 def test_mixed_conversation_over_turns_equals_reference(session, ref, photos, sounds, order):
     """Turn 1 with one medium, turn 2 with the other, turn 3 text only: each turn's greedy
-    tokens equal HF on the full original prompt (earlier answers as the history keeps them)."""
+    tokens equal HF on the full original prompt (earlier answers as text, as the original
+    keeps them: history="text")."""
     inputs = {"image": photos["astronaut"], "audio": sounds["chirp"]}
     rows = {"image": ref.rows("image", inputs["image"]), "audio": ref.rows("audio", fbank_of(session, sounds["chirp"]))}
-    conv = session.chat()
+    conv = session.chat(history="text")
     turns, media_rows = [], []
     for media, q in (([order[0]], Q1), ([order[1]], Q2), ([], Q3)):
         kw = {f"{m}s": [inputs[m]] for m in media}

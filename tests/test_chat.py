@@ -14,17 +14,19 @@ def greedy(n, **kw):
     return dict(temperature=0, max_tokens=n, **kw)
 
 
-def test_turn_two_equals_fresh_run_and_reference(exact_session, bundle, photos, tiny_ckpt):
+def test_text_history_turn_two_equals_fresh_run_and_reference(exact_session, bundle, photos, tiny_ckpt):
+    """history="text" (the originals' way): turn 2 re-reads the answer as text and equals a
+    fresh run of the whole conversation and HF on the full prompt string."""
     from scops.runtime.session import Session
-    conv = exact_session.chat()
+    conv = exact_session.chat(history="text")
     r1 = conv.send(Q1, images=[photos["cat"]], **greedy(12)).result()
     a1 = conv.messages[-1].text
-    assert r1.text.strip() == a1
+    assert r1.text.strip() == a1 and conv.messages[-1].token_ids is None
     r2 = conv.send(Q2, **greedy(16, ignore_stop=True)).result()
-    # the new turn decoded only what is new: everything up to turn 1's prompt came from the KV
+    # everything up to turn 1's prompt came from the KV
     assert r2.timings["reused_cells"] >= r1.timings["reused_cells"] + r1.timings["decoded_cells"]
     with Session.open(bundle("F32"), kv_type="f32", flash_attn="off", n_ctx=1024) as fresh:
-        c = fresh.chat()
+        c = fresh.chat(history="text")
         c.add("user", Q1, images=[photos["cat"]])
         c.add("assistant", a1)
         again = c.send(Q2, **greedy(16, ignore_stop=True)).result()
@@ -33,6 +35,65 @@ def test_turn_two_equals_fresh_run_and_reference(exact_session, bundle, photos, 
     ref = MiniGPT4Reference(tiny_ckpt)
     want = ref.generate(minigpt4_prompt([(Q1, a1), (Q2, None)]), photos["cat"], 16)
     assert r2.token_ids == want
+
+
+def test_ids_history_turn_two_decodes_only_the_question(exact_session, bundle, photos, tiny_ckpt):
+    """history="ids" (the default): the answer stays in the prompt as the ids it was generated
+    as; turn 2 decodes only its own text, and equals a fresh session given the same ids and
+    HF on the same token sequence (built here from sentencepiece)."""
+    from scops.runtime.session import Session
+    conv = exact_session.chat()
+    r1 = conv.send(Q1, images=[photos["cat"]], **greedy(12, ignore_stop=True)).result()
+    ids = conv.messages[-1].token_ids
+    assert ids == tuple(r1.token_ids) and len(ids) == 12
+    r2 = conv.send(Q2, **greedy(16, ignore_stop=True)).result()
+    ref = MiniGPT4Reference(tiny_ckpt)
+    question = ref.sp.encode(f"###Human: {Q2}###Assistant: ")         # the original's open turn
+    # nothing of turn 1 again but its last token (sampled at the length limit, never decoded)
+    assert r1.finish_reason == "length" and r2.timings["decoded_cells"] == 1 + len(question)
+    assert r2.cells[-len(question) - len(ids):] == list(ids) + question
+    with Session.open(bundle("F32"), kv_type="f32", flash_attn="off", n_ctx=1024) as fresh:
+        c = fresh.chat()
+        c.add("user", Q1, images=[photos["cat"]])
+        c.add("assistant", r1.text, token_ids=ids)
+        again = c.send(Q2, **greedy(16, ignore_stop=True)).result()
+        assert again.timings["reused_cells"] < 80
+    assert again.token_ids == r2.token_ids
+    head, tail = minigpt4_prompt([(Q1, None)]).split("<ImageHere>")
+    segments = [[1] + ref.sp.encode(head), ref.sp.encode(tail) + list(ids) + question]
+    assert r2.token_ids == ref.generate_ids(segments, photos["cat"], 16)
+
+
+def test_ids_history_cut_at_a_stop_string(exact_session, photos):
+    """An answer cut at a stop string keeps the ids that spell it (a stop string starting
+    inside a token leaves the text instead); a replayed chat of this session (what a
+    server sees: text only) finds the ids again by text and position."""
+    conv = exact_session.chat()
+    full = conv.send(Q1, images=[photos["cat"]], **greedy(16, ignore_stop=True)).result()
+    ends = full.offsets
+    k = next(i for i in range(len(ends) // 2, len(ends) - 1) if full.text[ends[i]:ends[i + 1]].strip())
+    text = full.text
+    for at in (ends[k], ends[k + 1] - 1):                # where a token starts, inside one
+        stop = next(text[at:e] for e in range(at + 1, len(text) + 1) if text.find(text[at:e]) == at)
+        aligned = at in ends
+        conv.reset()
+        cut = conv.send(Q1, images=[photos["cat"]], stop=[stop], **greedy(16, ignore_stop=True)).result()
+        kept = conv.messages[-1].token_ids
+        assert cut.finish_reason == "stop" and cut.text == full.text[:at]
+        if not aligned:
+            assert kept is None                  # the history keeps the text
+            continue
+        assert kept == tuple(full.token_ids[:ends.index(at) + 1])
+        spelled = b"".join(exact_session.llm.piece(t) for t in kept).decode("utf-8", errors="replace")
+        assert spelled.strip() == cut.text.strip()
+        replay = exact_session.chat()
+        replay.add("user", Q1, images=[photos["cat"]])
+        replay.add("assistant", cut.text)
+        assert replay.messages[-1].token_ids == kept
+        edited = exact_session.chat()
+        edited.add("user", Q1, images=[photos["cat"]])
+        edited.add("assistant", cut.text + " (edited)")
+        assert edited.messages[-1].token_ids is None              # not what was generated: text
 
 
 def test_repeated_image_runs_no_encoder(exact_session, photos, tmp_path):

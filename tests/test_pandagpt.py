@@ -96,8 +96,9 @@ def test_greedy_tokens_equal_reference(session, ref, media, modalities):
 
 def test_second_turn_history_as_web_demo_builds_it(session, ref, media):
     """Turn 1 ends by length (random weights): web_demo.py's history keeps decode(ids[:-2]),
-    two tokens fewer than the answer; turn 2's tokens follow the original's whole prompt."""
-    conv = session.chat()
+    two tokens fewer than the answer; turn 2's tokens follow the original's whole prompt
+    (history="text": the original's history; the default keeps the generated ids)."""
+    conv = session.chat(history="text")
     r1 = conv.send(Q1, audios=[media["audio"]], temperature=0, max_tokens=8, ignore_stop=True).result()
     feature = ref.feature({"audio": prepared(session, "audio", media["audio"])})
     out1 = ref.generate([(Q1, None)], feature, 8)

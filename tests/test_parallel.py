@@ -1,0 +1,163 @@
+"""Several conversations of one session at once: the same tokens as alone, decode steps
+batched, a new prompt read in chunks between the streams' tokens, slots and snapshots
+reused, threads, abandoned replies, and long conversations that drop their oldest turns."""
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+
+Q = "What is in this picture?"
+
+
+def greedy(n, **kw):
+    return dict(temperature=0, max_tokens=n, ignore_stop=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def exact3(bundle):
+    """Three slots on the F32 GGUF with an f32 KV cache (the parity configuration)."""
+    from scops.runtime.session import Session
+    s = Session.open(bundle("F32"), kv_type="f32", flash_attn="off", n_ctx=512, parallel=3)
+    yield s
+    s.close()
+
+
+def test_parallel_replies_equal_alone_and_share_steps(exact3, photos):
+    prompts = [("Describe it.", [photos["cat"]]), ("Hello there, who are you?", []), (Q, [photos["coffee"]])]
+    alone = [exact3.chat().send(t, images=m, **greedy(20)).result().token_ids for t, m in prompts]
+    steps = exact3.scheduler.steps
+    replies = [exact3.chat().send(t, images=m, **greedy(20)).start() for t, m in prompts]
+    together = [r.result().token_ids for r in replies]
+    assert together == alone
+    # 3 x 20 tokens in about 20 steps (+ reading the prompts), not 60: the steps were shared
+    assert exact3.scheduler.steps - steps <= 20 + 3
+    assert all(r.timings["reused_cells"] > 0 for r in replies)        # the system prompt, in every slot
+
+
+def test_readers_in_threads_and_interleaved(exact3):
+    texts = ["One?", "Two, please.", "And three."]
+    alone = [exact3.chat().send(t, **greedy(12)).result().token_ids for t in texts]
+    got: dict = {}
+    replies = [exact3.chat().send(t, **greedy(12)) for t in texts]
+
+    def read(i):
+        got[i] = replies[i].result().token_ids
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got[i] for i in range(3)] == alone
+    a, b = (exact3.chat().send(t, **greedy(12)) for t in texts[:2])
+    pieces = {"a": [], "b": []}
+    for _ in range(6):                                    # one thread, taking turns
+        pieces["a"].append(next(a))
+        pieces["b"].append(next(b))
+    pieces["a"] += list(a)
+    assert "".join(pieces["a"]) == a.text
+    assert a.token_ids == alone[0] and b.result().token_ids == alone[1]
+
+
+def test_a_new_prompt_is_read_in_chunks_between_stream_tokens(bundle, photos):
+    from scops.runtime.session import Session
+    with Session.open(bundle("Q4_K_M"), n_ctx=512, parallel=2, prefill_chunk=8) as s:
+        first = s.chat().send("Tell me a story.", **greedy(60)).start()
+        next(first)
+        before = len(first.token_ids)
+        second = s.chat().send(Q, images=[photos["cat"]], **greedy(4)).start()
+        next(second)                                     # its first token: the prompt was read
+        n = second.timings["decoded_cells"]
+        assert n > 32                                    # the picture's rows and the question
+        # every step read <= 8 of its cells and gave the story one more token
+        assert len(first.token_ids) - before >= n // 8
+        second.result()
+        assert len(first.result().token_ids) == 60
+
+
+def test_turn_two_goes_back_to_its_slot_and_prefixes_are_shared(bundle, photos):
+    from scops.runtime.session import Session
+    with Session.open(bundle("Q4_K_M"), n_ctx=512, parallel=2) as s:
+        a, b = s.chat(), s.chat()
+        ra = a.send(Q, images=[photos["cat"]], **greedy(6)).result()
+        rb = b.send("Something else entirely.", **greedy(6)).result()
+        ra2 = a.send("More?", **greedy(4)).result()
+        rb2 = b.send("Go on.", **greedy(4)).result()
+        # each second turn found its conversation in a slot: only the new question decoded
+        assert ra2.timings["reused_cells"] >= len(ra.cells) + 5
+        assert rb2.timings["reused_cells"] >= len(rb.cells) + 5
+        # a third chat about the same picture while `a` generates: the prefix is copied over
+        long_a = a.send("And the colours?", **greedy(40)).start()
+        next(long_a)
+        copied = s.scheduler.copied
+        c = s.chat()
+        c.messages = list(a.messages[:2])
+        c._media = dict(a._media)
+        rc = c.send("Who took it?", **greedy(3)).result()
+        assert s.scheduler.copied == copied + 1 and rc.timings["reused_cells"] >= len(ra.cells)
+        long_a.close()
+
+
+def test_snapshots_keep_a_chat_that_lost_its_slot(bundle, photos):
+    from scops.runtime.session import Session
+    with Session.open(bundle("Q4_K_M"), n_ctx=512, parallel=1, snapshots=2) as s:
+        a, b = s.chat(), s.chat()
+        ra = a.send(Q, images=[photos["cat"]], **greedy(4)).result()
+        b.send("Another chat.", images=[photos["coffee"]], **greedy(4)).result()
+        assert s.scheduler.snapshots.saved == 1          # a's cells were kept before b took the slot
+        r = a.send("More?", **greedy(4)).result()
+        assert r.snapshot_restored and r.timings["reused_cells"] >= len(ra.cells)
+
+
+def test_an_abandoned_reply_frees_its_slot(bundle):
+    from scops.runtime.session import Session
+    with Session.open(bundle("Q4_K_M"), n_ctx=512, parallel=1) as s:
+        r = s.chat().send("Tell me a story.", **greedy(200))
+        next(r)
+        del r
+        gc.collect()
+        after = s.chat().send("Hello.", **greedy(3)).result()
+        assert after.finish_reason == "length" and s.scheduler.active() == 0
+
+
+def test_long_conversation_drops_oldest_turns(bundle, photos):
+    from scops.runtime.errors import PromptTooLong
+    from scops.runtime.session import Session
+    with Session.open(bundle("Q4_K_M"), n_ctx=256) as s:
+        conv = s.chat()
+        system = s.llm.tokenize(s.bundle.template["system"], True)
+        conv.send(Q, images=[photos["cat"]], **greedy(8)).result()
+        dropped, reused = [], []
+        for i in range(12):
+            r = conv.send(f"Question number {i}, tell me more about it please?", **greedy(8)).result()
+            dropped.append(r.dropped_turns)
+            reused.append(r.timings["reused_cells"])
+            assert len(r.cells) + 8 <= 256 and r.cells[:len(system) - 1] == system[:-1]   # the system prompt stays
+            if r.dropped_turns:
+                kept = [c for c in r.cells if isinstance(c, tuple)]
+                assert len(kept) in (0, 32)              # the picture whole or not at all
+        assert dropped == sorted(dropped) and dropped[-1] > 0 and dropped[0] == 0
+        # the window moves in blocks: most turns after a drop still reuse their prefix
+        after = [u for d, u in zip(dropped[1:], reused[1:]) if d] or [0]
+        assert max(after) > len(system) + 20
+        strict = s.chat(overflow="error")
+        for m in conv.messages:
+            strict.messages.append(m)
+        strict._media = dict(conv._media)
+        with pytest.raises(PromptTooLong, match="context holds 256"):
+            strict.send("One more?", **greedy(8))
+
+
+def test_replies_after_the_session_closed(bundle):
+    from scops.runtime.batch import SessionClosed
+    from scops.runtime.session import Session
+    s = Session.open(bundle("Q4_K_M"), n_ctx=512)
+    running = s.chat().send("Tell me a story.", **greedy(100))
+    next(running)
+    later = s.chat().send("Hello.", **greedy(3))
+    s.close()
+    list(running)
+    assert running.finish_reason == "cancelled"
+    with pytest.raises(SessionClosed, match="closed"):
+        next(later)
