@@ -247,10 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=0)
         p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
         add_memory_args(p)
-        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                       help="auto: the NVIDIA GPU when one is there (onnxruntime-gpu, llama.cpp built with CUDA)")
-        p.add_argument("--n-gpu-layers", type=int, default=None,
-                       help="LLM layers on the GPU (default: all of them when there is a GPU; 0: none)")
+        add_device_args(p)
 
     def sampling_args(p, max_tokens=256, temperature=0.8):
         p.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -319,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bubogpt: the SAM checkpoint to use (default: ViT-H, else ViT-B, found in --grounding)")
     p.set_defaults(fn=cmd_export)
     return ap
+
+
+def add_device_args(p) -> None:
+    """--device and --n-gpu-layers: where every command that opens a bundle runs it."""
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: the NVIDIA GPU when one is there (onnxruntime-gpu, llama.cpp built with CUDA)")
+    p.add_argument("--n-gpu-layers", type=int, default=None,
+                   help="LLM layers on the GPU (default: all of them when there is a GPU; 0: none)")
 
 
 def add_memory_args(p) -> None:

@@ -1,19 +1,23 @@
-"""The OpenAI chat-completions wire format: request checking and response bodies.
+"""The OpenAI chat-completions wire format: request and response models, declared once.
 
-Pure functions over parsed JSON (no sockets, no session): `parse_chat_request` turns a
-request body into a `ChatRequest` or raises `ApiError` (an HTTP status and an
-OpenAI-shaped error object); the `build_*` helpers make what goes back. Fetching a remote
-image is the caller's business, passed in as `fetch(url) -> bytes`.
+Pure functions over bytes (no sockets, no session). `parse_chat_request` validates a body
+against the pydantic models (JSON, Unicode, nesting, types and ranges in one pass) and
+the server's limits, and returns a `ChatRequest` whose pictures and clips are still
+undecoded `MediaSpec`s, or raises `ApiError` (an HTTP status and an OpenAI-shaped error
+body): the server decodes media only once the request holds a place in its queue
+(`decode_media`, in a bounded pool). The response models carry one extra object,
+`scops` (timings, KV reuse, turns left out); extra fields (e.g. grounding) go there.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InputError, OptionError, PromptTooLong, ScopsError, UnsupportedModality
 from .preprocess import decode_image
@@ -28,6 +32,9 @@ MAX_MEDIA_PER_REQUEST = 16
 # What a request without max_tokens gets (capped by the server's --max-tokens-cap).
 DEFAULT_MAX_TOKENS = 256
 ROLES = ("system", "developer", "user", "assistant")
+INT32_MAX = 2**31 - 1          # llama.cpp's top_k is an int32
+# Penalties are divisors of logits: past 100 every seen token is simply banned.
+MAX_REPEAT_PENALTY = 100.0
 
 
 class ApiError(Exception):
@@ -39,7 +46,8 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return ErrorBody(error=ErrorDetail(message=self.message, type=self.type, param=self.param,
+                                           code=self.code)).model_dump()
 
 
 def to_api_error(e: ScopsError) -> ApiError:
@@ -51,6 +59,151 @@ def to_api_error(e: ScopsError) -> ApiError:
     return ApiError(400, message, param="messages" if code != "invalid_value" else None, code=code)
 
 
+# ---- request models -----------------------------------------------------------------------
+class _Strict(BaseModel):
+    # Strict types (no "5" for 5, no 1.0 for an int), no NaN or infinity, unknown fields ignored.
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageUrl(_Strict):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class InputAudio(_Strict):
+    data: str
+    format: Literal["wav"] = "wav"
+
+
+class AudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+Part = Annotated[Union[TextPart, ImagePart, AudioPart], Field(discriminator="type")]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[Part], None] = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    model: str = ""
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)           # llama.cpp's extension
+    repeat_penalty: float | None = Field(None, gt=0, le=MAX_REPEAT_PENALTY)   # llama.cpp's extension
+    max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    ignore_eos: bool | None = None                                  # llama.cpp's: fixed-length decode
+    n: Literal[1] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+
+# ---- response models ------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ScopsInfo(BaseModel):
+    """scops' extra object on a completion (and on a stream's last chunk)."""
+    model_config = ConfigDict(extra="allow")
+    timings: dict[str, float]
+    reused_cells: int
+    decoded_cells: int
+    snapshot_restored: bool
+    dropped_turns: int               # earlier turns left out: the conversation outgrew the context
+
+
+class AnswerMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AnswerMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    scops: ScopsInfo
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    scops: ScopsInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "scops"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- parsing --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Limits:
     max_tokens_cap: int
@@ -60,15 +213,18 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class MediaSpec:
+    """A picture or clip of a request, not decoded yet."""
+    modality: str             # "image" | "audio"
+    source: str               # image: a data: or http(s) URL; audio: base64 WAV
+    param: str                # where it was in the request, for errors
+
+
+@dataclass(frozen=True)
 class Turn:
     role: str                 # "user" | "assistant"
     text: str
-    images: tuple = ()        # decoded RGB uint8 arrays
-    audios: tuple = ()        # WAV files (bytes), checked for length
-
-    def media(self) -> dict:
-        """Keyword arguments of Conversation.add/send for this turn's media (none: {})."""
-        return {k: list(v) for k, v in (("images", self.images), ("audios", self.audios)) if v}
+    media: tuple = ()         # MediaSpec, ...
 
 
 @dataclass(frozen=True)
@@ -81,159 +237,107 @@ class ChatRequest:
     include_usage: bool
     model: str
 
+    def media(self) -> list[MediaSpec]:
+        return [m for t in self.history + (self.last,) for m in t.media]
 
-def parse_chat_request(raw: bytes, limits: Limits, modalities, fetch: Callable[[str], bytes]) -> ChatRequest:
+
+def parse_chat_request(raw: bytes, limits: Limits, modalities) -> ChatRequest:
+    """A request body -> ChatRequest, or ApiError (400) saying what is wrong and where."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"malformed JSON body ({e})") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    gen = parse_sampling(body, limits.max_tokens_cap)
-    stream = body.get("stream", False)
-    _require(isinstance(stream, bool) or stream is None, "stream must be a boolean", "stream")
-    options = body.get("stream_options") or {}
-    _require(isinstance(options, dict), "stream_options must be an object", "stream_options")
-    model = body.get("model") or ""
-    _require(isinstance(model, str), "model must be a string", "model")
-    system, turns = parse_messages(body.get("messages"), limits, modalities, fetch)
-    return ChatRequest(system, tuple(turns[:-1]), turns[-1], gen, bool(stream),
-                       bool(options.get("include_usage", False)), model)
+        body = ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    gen = _sampling(body, limits.max_tokens_cap)
+    system, turns = _turns(body.messages, limits, modalities)
+    return ChatRequest(system, tuple(turns[:-1]), turns[-1], gen, bool(body.stream),
+                       bool(body.stream_options and body.stream_options.include_usage), body.model)
 
 
-def parse_sampling(body: dict, cap: int) -> dict:
-    """OpenAI sampling fields (plus llama.cpp's top_k / repeat_penalty / ignore_eos) -> send() options."""
-    gen: dict = {}
-    t = body.get("temperature")
-    if t is not None:
-        _require(_is_number(t) and 0 <= t <= MAX_TEMPERATURE, f"temperature must be in [0, {MAX_TEMPERATURE:g}]",
-                 "temperature")
-        gen["temperature"] = float(t)
-    p = body.get("top_p")
-    if p is not None:
-        _require(_is_number(p) and 0 < p <= 1, "top_p must be in (0, 1]", "top_p")
-        gen["top_p"] = float(p)
-    k = body.get("top_k")
-    if k is not None:
-        _require(_is_int(k) and k >= 0, "top_k must be a non-negative integer", "top_k")
-        gen["top_k"] = k
-    rp = body.get("repeat_penalty")
-    if rp is not None:
-        _require(_is_number(rp) and rp > 0, "repeat_penalty must be > 0", "repeat_penalty")
-        gen["repeat_penalty"] = float(rp)
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    n = body.get(name)
-    if n is None:
-        n = min(DEFAULT_MAX_TOKENS, cap)
-    _require(_is_int(n) and n > 0, f"{name} must be a positive integer", name)
+def _sampling(body: ChatCompletionRequest, cap: int) -> dict:
+    """-> Conversation.send options (ranges and types were checked by the model)."""
+    gen = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "repeat_penalty", "seed")
+           if getattr(body, k) is not None}
+    if "seed" in gen:
+        gen["seed"] &= 0xFFFFFFFF                 # llama.cpp seeds are 32-bit
+    name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    n = getattr(body, name)
+    n = min(DEFAULT_MAX_TOKENS, cap) if n is None else n
     _require(n <= cap, f"{name} {n} is over this server's cap of {cap}", name, "max_tokens_cap")
     gen["max_tokens"] = n
-    seed = body.get("seed")
-    if seed is not None:
-        _require(_is_int(seed), "seed must be an integer", "seed")
-        gen["seed"] = seed
-    stop = body.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        _require(isinstance(stops, list) and len(stops) <= MAX_STOPS
-                 and all(isinstance(s, str) and s for s in stops),
+    if body.stop is not None:
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop
+        _require(len(stops) <= MAX_STOPS and all(stops),
                  f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings", "stop")
         gen["stop"] = tuple(stops)
-    ignore_eos = body.get("ignore_eos")        # llama.cpp server's extension: fixed-length decode
-    if ignore_eos is not None:
-        _require(isinstance(ignore_eos, bool), "ignore_eos must be a boolean", "ignore_eos")
-        gen["ignore_stop"] = ignore_eos
-    count = body.get("n")
-    _require(count is None or count == 1, "only n=1 is supported", "n")
+    if body.ignore_eos is not None:
+        gen["ignore_stop"] = body.ignore_eos
     return gen
 
 
-def parse_messages(messages, limits: Limits, modalities, fetch) -> tuple[str | None, list[Turn]]:
-    _require(isinstance(messages, list) and messages, "messages must be a non-empty list", "messages")
+def _turns(messages: list[ChatMessage], limits: Limits, modalities) -> tuple[str | None, list[Turn]]:
     systems: list[str] = []
     turns: list[Turn] = []
     n_media = 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        _require(isinstance(m, dict), f"{where} must be an object", where)
-        role = m.get("role")
-        _require(role in ROLES, f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
-        content = m.get("content")
-        if content is None and role == "assistant":
+        content = m.content
+        if content is None:
+            _require(m.role == "assistant", f"{where}.content is required", f"{where}.content")
             content = ""
-        text, images, audios = parse_content(content, where, limits, modalities, fetch)
-        if role in ("system", "developer"):
-            _require(not images and not audios, f"{where}: a {role} message takes text only", f"{where}.content")
+        texts, media = ([content], []) if isinstance(content, str) else ([], [])
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            at = f"{where}.content[{j}]"
+            if isinstance(part, TextPart):
+                texts.append(part.text)
+                continue
+            modality = "image" if isinstance(part, ImagePart) else "audio"
+            _require_modality(modality, modalities, at)
+            _require(m.role == "user", f"{where}: a {m.role} message takes text only", f"{where}.content")
+            source = part.image_url.url if isinstance(part, ImagePart) else part.input_audio.data
+            if modality == "image":
+                _check_image_url(source, at, limits)
+            media.append(MediaSpec(modality, source, at))
+        text = "\n".join(texts)
+        if m.role in ("system", "developer"):
             systems.append(text)
             continue
-        _require(role == "user" or not (images or audios), f"{where}: an assistant message takes text only",
-                 f"{where}.content")
-        n_media += len(images) + len(audios)
+        n_media += len(media)
         _require(n_media <= MAX_MEDIA_PER_REQUEST, f"at most {MAX_MEDIA_PER_REQUEST} images and clips per request",
                  where)
-        turns.append(Turn(role, text, tuple(images), tuple(audios)))
+        turns.append(Turn(m.role, text, tuple(media)))
     _require(bool(turns) and turns[-1].role == "user", "the last message must be a user message", "messages")
     return ("\n".join(systems) if systems else None), turns
 
 
-def parse_content(content, where: str, limits: Limits, modalities, fetch) -> tuple[str, list, list]:
-    """-> (text, images, audios) of a message's content."""
-    if isinstance(content, str):
-        return content, [], []
-    _require(isinstance(content, list), f"{where}.content must be a string or a list of parts", f"{where}.content")
-    texts: list[str] = []
-    images: list = []
-    audios: list = []
-    for j, part in enumerate(content):
-        at = f"{where}.content[{j}]"
-        _require(isinstance(part, dict), f"{at} must be an object", at)
-        kind = part.get("type")
-        if kind == "text":
-            _require(isinstance(part.get("text"), str), f"{at}.text must be a string", at)
-            texts.append(part["text"])
-        elif kind == "image_url":
-            _require_modality("image", modalities, at)
-            images.append(parse_image(part.get("image_url"), at, limits, fetch))
-        elif kind == "input_audio":
-            _require_modality("audio", modalities, at)
-            audios.append(parse_audio(part.get("input_audio"), at, limits))
-        else:
-            raise ApiError(400, f"{at}.type {kind!r} is not supported (text, image_url, input_audio)", param=at)
-    return "\n".join(texts), images, audios
-
-
-def parse_image(spec, at: str, limits: Limits, fetch):
-    _require(isinstance(spec, dict) and isinstance(spec.get("url"), str), f"{at}.image_url.url must be a string", at)
-    url = spec["url"]
+def _check_image_url(url: str, at: str, limits: Limits) -> None:
     if url.startswith("data:"):
-        head, sep, payload = url.partition(",")
+        head, sep, _ = url.partition(",")
         _require(bool(sep) and head.endswith(";base64"), f"{at}: data URL must be base64 (data:image/...;base64,...)",
                  at)
-        data = _b64(payload, at)
     elif url.startswith(("http://", "https://")):
         _require(limits.allow_remote_media, f"{at}: remote image URLs are off on this server "
                  "(send a data: URL, or start it with --allow-remote-media)", at, "remote_media_disabled")
-        data = fetch(url)
     else:
         raise ApiError(400, f"{at}: image URL must be a data: URL (or http(s) with --allow-remote-media); "
                        "local paths and file: URLs are never read", param=at)
+
+
+# ---- media (run by the server in its decode pool) ---------------------------------------
+def decode_media(spec: MediaSpec, limits: Limits, fetch: Callable[[str], bytes]):
+    """-> decoded RGB array (image) or WAV bytes (audio, length-checked), or ApiError."""
+    at = spec.param
+    if spec.modality == "audio":
+        data = _b64(spec.source, at)
+        seconds = measure_wav_seconds(data)
+        _require(seconds is not None, f"{at}: not a readable WAV file", at, "invalid_media")
+        _require(seconds <= limits.max_audio_seconds, f"{at}: {seconds:.1f} s of audio is over the "
+                 f"{limits.max_audio_seconds:g} s limit", at, "audio_too_long")
+        return data
+    data = _b64(spec.source.partition(",")[2], at) if spec.source.startswith("data:") else fetch(spec.source)
     try:
         return decode_image(data, max_pixels=limits.max_image_pixels)
     except InputError as e:
         raise ApiError(400, f"{at}: {e}", param=at, code="invalid_media") from None
-
-
-def parse_audio(spec, at: str, limits: Limits) -> bytes:
-    """Base64 WAV -> its bytes, refused when not a WAV or over the server's length limit."""
-    _require(isinstance(spec, dict) and isinstance(spec.get("data"), str), f"{at}.input_audio.data must be a string",
-             at)
-    _require(spec.get("format", "wav") == "wav", f"{at}.input_audio.format must be 'wav'", at)
-    data = _b64(spec["data"], at)
-    seconds = measure_wav_seconds(data)
-    _require(seconds is not None, f"{at}: not a readable WAV file", at, "invalid_media")
-    _require(seconds <= limits.max_audio_seconds, f"{at}: {seconds:.1f} s of audio is over the "
-             f"{limits.max_audio_seconds:g} s limit", at, "audio_too_long")
-    return data
 
 
 def measure_wav_seconds(data: bytes) -> float | None:
@@ -254,31 +358,61 @@ def measure_wav_seconds(data: bytes) -> float | None:
     return size / byte_rate
 
 
-# ---- responses ----------------------------------------------------------------------
+# ---- responses ----------------------------------------------------------------------------
 def make_completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-def build_completion(cid: str, model: str, result: dict) -> dict:
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                         "logprobs": None, "finish_reason": result["finish_reason"]}],
-            "usage": result["usage"], "scops": result["scops"]}
+def build_completion(cid: str, model: str, text: str, finish_reason: str, usage: Usage,
+                     info: ScopsInfo) -> ChatCompletion:
+    return ChatCompletion(id=cid, created=int(time.time()), model=model, usage=usage, scops=info,
+                          choices=[Choice(message=AnswerMessage(content=text), finish_reason=finish_reason)])
 
 
-def build_chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, **extra) -> dict:
-    body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-    body.update(extra)
-    return body
+def build_chunk(cid: str, model: str, delta: Delta | None, finish_reason: str | None = None,
+                usage: Usage | None = None, info: ScopsInfo | None = None) -> str:
+    """One stream event's JSON: a delta with only the fields it was given (and usage / scops
+    when given), or, with delta None, a usage-only chunk (no choices)."""
+    choices = [] if delta is None else [ChunkChoice(index=0, delta=delta, logprobs=None, finish_reason=finish_reason)]
+    extra = {k: v for k, v in (("usage", usage), ("scops", info)) if v is not None}
+    chunk = ChatCompletionChunk(id=cid, object="chat.completion.chunk", created=int(time.time()), model=model,
+                                choices=choices, **extra)
+    return chunk.model_dump_json(exclude_unset=True)
 
 
-def build_usage_chunk(cid: str, model: str, usage: dict) -> dict:
-    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [], "usage": usage}
+# ---- helpers ------------------------------------------------------------------------------
+def _validation_error(e: ValidationError) -> ApiError:
+    """The most specific of pydantic's errors as one OpenAI error: param is the field's path
+    (messages[0].content[1].image_url.url), the message says what is wrong with it."""
+    errors = e.errors(include_url=False)
+    if errors[0]["type"] == "json_invalid":
+        return ApiError(400, f"malformed JSON body ({errors[0]['msg'].removeprefix('Invalid JSON: ')})")
+    paths = [(_param(err["loc"]), err) for err in errors]
+    deepest = max(len(p) for p, _ in paths)
+    path, err = next((p, err) for p, err in paths if len(p) == deepest)
+    messages = list(dict.fromkeys(err["msg"] for p, err in paths if p == path))
+    if err["type"] == "union_tag_invalid":
+        messages = ["type must be one of text, image_url, input_audio"]
+    elif path.endswith("content") and len(messages) > 1:
+        messages = ["must be a string or a list of parts (text, image_url, input_audio)"]
+    return ApiError(400, f"{path or 'body'}: {' or '.join(messages)}", param=path or None)
 
 
-# ---- helpers ------------------------------------------------------------------------
+def _param(loc: tuple) -> str:
+    """pydantic's loc -> a path of the request's own names (union branch labels and tags dropped)."""
+    path = ""
+    for el in loc:
+        if isinstance(el, int):
+            path += f"[{el}]"
+        elif el in _FIELDS and not path.endswith("." + el) and path != el:
+            path += ("." if path else "") + el
+    return path
+
+
+_FIELDS = {name for m in (TextPart, ImageUrl, ImagePart, InputAudio, AudioPart, ChatMessage, StreamOptions,
+                          ChatCompletionRequest) for name in m.model_fields}
+
+
 def _require(ok: bool, message: str, param: str | None = None, code: str | None = None) -> None:
     if not ok:
         raise ApiError(400, message, param=param, code=code)
@@ -296,11 +430,3 @@ def _b64(payload: str, at: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{at}: invalid base64 data", param=at, code="invalid_media") from None
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

@@ -96,7 +96,7 @@ def decode_image(src: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> np.nda
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            rgb = img.convert("RGB")
+            rgb = img if img.mode == "RGB" else img.convert("RGB")     # no 4 B/pixel copy when RGB already
             rgb.load()
     except Exception as e:
         reason = str(e) or type(e).__name__

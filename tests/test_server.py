@@ -105,14 +105,14 @@ def test_extending_a_chat_reuses_its_kv(server, photos):
     c = client(server)
     first = [{"role": "system", "content": "You look at pictures."}, user_with_image(photos["coffee"])]
     r1 = c.chat.completions.create(model="tiny", messages=first, max_tokens=6, temperature=0)
-    saved = server.engine.states.saved
+    saved = server.session.scheduler.snapshots.saved
     second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
                       {"role": "user", "content": "And what colour is it?"}]
     r2 = c.chat.completions.create(model="tiny", messages=second, max_tokens=6, temperature=0)
     # everything of the first prompt (system, picture, question) came from the KV
     assert r2.scops["reused_cells"] >= r1.usage.prompt_tokens - 2
     assert r2.scops["decoded_cells"] < r2.usage.prompt_tokens - r1.usage.prompt_tokens + 12
-    assert server.engine.states.saved == saved              # a chat going on costs no snapshot
+    assert server.session.scheduler.snapshots.saved == saved              # a chat going on costs no snapshot
 
 
 def test_interleaved_chats_restore_their_snapshot(server, photos):
@@ -198,15 +198,10 @@ def test_wrong_content_type_and_host(server):
 
 
 def test_twenty_clients_get_answers_or_429(session):
+    """queue=4 and one slot: 5 requests are admitted, the other 15 are refused at once (429),
+    even while nothing generates (the scheduler is held), and the 5 are answered after."""
     with running(session, queue=4) as server:
-        engine, gate, started = server.engine, threading.Event(), threading.Event()
-        run = engine.run_job
-
-        def held(job):                 # the first job waits until every client has been answered or queued
-            started.set()
-            gate.wait(WAIT_S)
-            run(job)
-        engine.run_job = held
+        engine = server.engine
         results: list = []
 
         def ask(i):
@@ -219,18 +214,18 @@ def test_twenty_clients_get_answers_or_429(session):
             except Exception as e:       # anything else is a failure of this test
                 results.append(repr(e))
         threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(20)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + WAIT_S
-        while engine.counts["rejected"] + engine.jobs.qsize() + started.is_set() < 20:
-            assert time.monotonic() < deadline, f"clients neither queued nor refused: {results}"
-            time.sleep(0.02)
-        gate.set()
+        with session.scheduler.lock:     # nothing generates until every client is admitted or refused
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + WAIT_S
+            while results.count(429) + engine.admitted < 20:
+                assert time.monotonic() < deadline, f"clients neither admitted nor refused: {results}"
+                time.sleep(0.02)
+            assert engine.admitted == 5 and results.count(429) == 15
         for t in threads:
             t.join(WAIT_S)
         assert not any(t.is_alive() for t in threads), "a client hung"
-        assert sorted(set(results), key=str) in ([200, 429],), results
-        assert results.count(200) in (4, 5) and len(results) == 20
+        assert results.count(200) == 5 and results.count(429) == 15, results
         assert post(server, {"messages": [{"role": "user", "content": "after"}], "max_tokens": 2})[0] == 200
 
 
@@ -299,11 +294,30 @@ def test_binds_loopback_by_default(server):
     args = build_parser().parse_args(["serve", "some-bundle"])
     assert args.host == "127.0.0.1" and args.fn.__name__ == "run_serve"
     assert ServerOptions().host == "127.0.0.1"
-    assert server.httpd.server_address[0] == "127.0.0.1"
+    assert server.sock.getsockname()[0] == "127.0.0.1"
     page = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT_S)
     page.request("GET", "/")
     r = page.getresponse()
     assert r.status == 200 and b"New chat" in r.read() and "script-src" in r.getheader("Content-Security-Policy")
+
+
+def test_serve_opens_the_session_as_run_and_chat_do(monkeypatch):
+    """--device, --n-gpu-layers, --low-memory (and the serve-only --parallel, --history, --overflow) reach
+    Session.open; a bad one is one clear error (exit 2) before anything listens."""
+    from scops.runtime.cli import main
+    from scops.runtime.errors import OptionError
+    from scops.runtime.session import Session
+    seen: dict = {}
+
+    def fake_open(cls, path, **kw):
+        seen.update(kw)
+        raise OptionError("stopped before loading")
+    monkeypatch.setattr(Session, "open", classmethod(fake_open))
+    assert main(["serve", "some-bundle", "--device", "cpu", "--n-gpu-layers", "0", "--parallel", "3",
+                 "--history", "text", "--overflow", "error", "--kv-type", "f32", "--low-memory"]) == 2
+    assert seen["device"] == "cpu" and seen["n_gpu_layers"] == 0 and seen["parallel"] == 3
+    assert seen["low_memory"] is True
+    assert seen["history"] == "text" and seen["overflow"] == "error" and seen["kv_type"] == "f32"
 
 
 def _wav(seconds: float, rate: int = 16000) -> bytes:
@@ -319,16 +333,17 @@ def _wav(seconds: float, rate: int = 16000) -> bytes:
 
 def test_audio_parts_for_a_bundle_with_audio():
     """The tiny bundle has no audio: this checks the request side against an audio-capable one."""
-    from scops.runtime.openai_api import ApiError, Limits, parse_chat_request
+    from scops.runtime.openai_api import ApiError, Limits, decode_media, parse_chat_request
     limits = Limits(max_tokens_cap=16, max_image_pixels=10_000, max_audio_seconds=2, allow_remote_media=False)
 
     def parse(wav: bytes):
         part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
         body = {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "what is this sound?"}]}]}
-        return parse_chat_request(json.dumps(body).encode(), limits, {"image": {}, "audio": {}}, fetch=None)
+        req = parse_chat_request(json.dumps(body).encode(), limits, {"image": {}, "audio": {}})
+        assert req.last.text == "what is this sound?" and [m.modality for m in req.media()] == ["audio"]
+        return decode_media(req.media()[0], limits, fetch=None)
     clip = _wav(1.5)
-    req = parse(clip)
-    assert req.last.media() == {"audios": [clip]} and req.last.text == "what is this sound?"
+    assert parse(clip) == clip
     for bad, code in ((_wav(2.5), "audio_too_long"), (b"RIFF....WAVEjunk", "invalid_media"),
                       (png_bytes(np.zeros((4, 4, 3), np.uint8)), "invalid_media")):
         with pytest.raises(ApiError) as e:
