@@ -3,6 +3,7 @@
     scops bench --shape minigpt4-small --vs hf,llama-cpp --reps 5 --out bench-out
     scops bench --device cuda --shape minigpt4-7b --vs hf,llama-cpp --out $OUT
     scops bench --device cuda --rehearse --shape tiny --vs hf,llama-cpp    # the GPU plan, on the CPU
+    scops bench --serve --shape minigpt4-small --out bench-serve     (the server under load)
 
 Builds (once, cached) a random-weight checkpoint at the shape's real widths and its
 bundle, runs scops, HF transformers and raw llama-cpp-python each in its own process,
@@ -49,6 +50,8 @@ GROUNDING_SHAPE = "bubogpt-grounding"     # BuboGPT's tagger -> detector -> segm
 
 
 def cmd_bench(args) -> int:
+    if args.serve:
+        return cmd_bench_serve(args)
     if args.shape == "lego-small":
         from .lego import run_lego_bench
         return run_lego_bench(args, _log)
@@ -99,6 +102,41 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _ints(text: str) -> tuple:
+    import argparse
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench_serve(args) -> int:
+    from scops.runtime.errors import OptionError
+
+    from .serve import ServeBenchOptions, run_serve_bench, write_serve_report
+    if args.shape not in SHAPES:
+        raise OptionError(f"--serve benchmarks the MiniGPT-4 shapes ({', '.join(sorted(SHAPES))}), not {args.shape}")
+    if args.device != "cpu" or args.rehearse or args.vs:
+        raise OptionError("--serve measures the server on the CPU, without peers (no --device, --rehearse, --vs)")
+
+    out = Path(args.out if args.out != Path("bench-out") else "bench-serve")
+    o = ServeBenchOptions(args.shape, args.concurrency, args.reps, args.tokens, args.threads,
+                          args.burst or (0, 0, 0), args.encoder_precision, out).resolved()
+    command = (f"scops bench --serve --shape {o.shape} --concurrency {','.join(map(str, o.concurrency))} "
+               f"--reps {o.reps} --tokens {o.tokens} --threads {o.threads} --burst {'x'.join(map(str, o.burst))} "
+               f"--encoder-precision {o.encoder_precision} --out {o.out}")
+    _log(command)
+    result = run_serve_bench(o, _log)
+    md = write_serve_report(result, o.out, command)
+    print(md)
+    print(f"reproduce: {command}")
+    print(f"wrote {o.out / 'report.md'}, report.json, serve.png ({result['wall_s']:.0f}s)")
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     """Register `scops bench --shape NAME ...` on the CLI's subparsers."""
     from .imagine import EMU_SHAPES
@@ -116,7 +154,11 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--rehearse", action="store_true",
                    help="with --device cuda: run the GPU plan (peers, keys, report) on the CPU")
     p.add_argument("--steps", type=int, default=0, help="emu shapes: denoising steps (0: 20)")
-    p.add_argument("--out", type=Path, default=Path("bench-out"))
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="report folder (--serve: bench-serve)")
     p.add_argument("--memory", action="store_true",
                    help="peak RSS by stage through image turns: default vs low-memory profile (--vs ignored)")
+    p.add_argument("--serve", action="store_true", help="benchmark `scops serve` under concurrent load instead")
+    p.add_argument("--concurrency", type=_ints, default=(1, 2, 4), help="--serve: stream counts, e.g. 1,2,4,8")
+    p.add_argument("--burst", type=_ints, default=None,
+                   help="--serve: REQUESTSxPICTURESxSIDE of the memory burst (default tiny 2x2x1000, else 10x8x4000)")
     p.set_defaults(fn=cmd_bench)

@@ -13,10 +13,16 @@ RATIO_KEYS = ("ttft_vs_hf", "decode_vs_hf", "decode_vs_llama_cpp", "decode_vs_ro
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_tiny_end_to_end(tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory):
+    """One cache (the tiny shape's checkpoint and bundle) for the bench tests of this module."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def test_bench_tiny_end_to_end(tmp_path, monkeypatch, capsys, bench_cache):
     from scops.runtime.cli import main
 
-    monkeypatch.setenv("SCOPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SCOPS_CACHE", str(bench_cache))
     out = tmp_path / "report"
     rc = main(["bench", "--shape", "tiny", "--vs", "hf,llama-cpp", "--reps", "1", "--tokens", "4",
                "--out", str(out)])
@@ -42,6 +48,34 @@ def test_bench_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     md = (out / "report.md").read_text()
     assert "|---|---|---|---:|---:|---:|" in md and "| decode |" in md and "scops bench --shape tiny" in md
     assert (out / "latency.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_serve_tiny(tmp_path, monkeypatch, capsys, bench_cache):
+    """`scops bench --serve` end to end: a real `scops serve` process under 0, 1 and 4
+    streams, turn 1 vs turn 2, a burst of pictures with the server's RSS sampled."""
+    from scops.runtime.cli import main
+
+    monkeypatch.setenv("SCOPS_CACHE", str(bench_cache))
+    out = tmp_path / "serve"
+    rc = main(["bench", "--serve", "--shape", "tiny", "--concurrency", "1,4", "--reps", "2", "--tokens", "6",
+               "--burst", "2x2x800", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| streams | decode tok/s (all) | per stream | text-turn TTFT p50 ms | p90 ms |" in printed
+    assert "reproduce: scops bench --serve --shape tiny --concurrency 1,4 --reps 2 --tokens 6" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert [lv["concurrency"] for lv in report["levels"]] == [0, 1, 4] and report["parallel"] == 5
+    for lv in report["levels"]:
+        assert len(lv["ttft_ms"]) == 2 and lv["ttft_p50"] > 0
+        assert (lv["decode_tok_s"] > 0) == (lv["concurrency"] > 0)
+    for key in ("decode_4_vs_1", "ttft_loaded_vs_idle", "turn2_vs_turn1"):
+        v = report["ratios"][key]
+        assert v is not None and math.isfinite(v) and v > 0, (key, v)
+    assert {t["key"]: t["status"] in ("pass", "miss") for t in report["targets"]} == {
+        "decode_4_vs_1": True, "ttft_loaded_vs_idle": True, "turn2_vs_turn1": True}
+    burst = report["burst"]
+    assert burst["statuses"] == ["200", "200"] and burst["peak_rss"] >= burst["idle_rss"] > 0
+    assert (out / "serve.png").read_bytes()[:8] == PNG_MAGIC and (out / "serve.log").exists()
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp16"])
