@@ -92,10 +92,11 @@ def fuzz_one(name: str, seconds: int, extra: list[str]) -> None:
     import scops.runtime.gguf_check
     import scops.runtime.media
     import scops.runtime.modalities
+    import scops.runtime.openai_api
     import scops.runtime.preprocess
     import scops.runtime.video
     for mod in (scops.runtime.video, scops.runtime.audio, scops.runtime.bundle, scops.runtime.contract, scops.runtime.gguf_check,
-                scops.runtime.media, scops.runtime.modalities, scops.runtime.preprocess):
+                scops.runtime.media, scops.runtime.modalities, scops.runtime.preprocess, scops.runtime.openai_api):
         _instrument_module(atheris, mod)
     fn = TARGETS[name]
     work = WORK / name

@@ -162,3 +162,45 @@ def fuzz_manifest(data: bytes) -> None:
 
 TARGETS["manifest"] = fuzz_manifest
 MAX_LEN["manifest"] = 16384
+
+
+# ---- the OpenAI request parser ---------------------------------------------------------------------
+# What `scops serve` does with a chat-completions body before any model work: the pydantic
+# models (JSON, Unicode, nesting, types, ranges), the server's limits, the media (decoded
+# here under small limits) and the sampling options the runtime takes (GenOptions).
+REQUEST_MODALITIES = {"image": {}, "audio": {}}
+
+
+def _no_fetch(url: str) -> bytes:
+    raise AssertionError(f"a remote URL got past the parser with remote media off: {url[:80]!r}")
+
+
+def fuzz_request(data: bytes) -> None:
+    """A request body -> ChatRequest whose options the runtime accepts, or one 4xx ApiError
+    whose answer is the OpenAI error body (as the server renders it)."""
+    from starlette.responses import JSONResponse
+
+    from scops.runtime.chat import GenOptions
+    from scops.runtime.errors import OptionError
+    from scops.runtime.openai_api import ApiError, ErrorBody, Limits, decode_media, parse_chat_request, to_api_error
+    limits = Limits(max_tokens_cap=64, max_image_pixels=1_000_000, max_audio_seconds=2.0, allow_remote_media=False)
+    try:
+        try:
+            req = parse_chat_request(data, limits, REQUEST_MODALITIES)
+            for spec in req.media():
+                decode_media(spec, limits, _no_fetch)
+            GenOptions.from_kwargs(**req.gen)            # what Conversation.send does with them
+        except OptionError as e:
+            raise to_api_error(e) from None
+    except ApiError as e:
+        if not 400 <= e.status < 500:
+            raise AssertionError(f"status {e.status} for a bad request: {e.message}") from None
+        _check_message(e)
+        body = JSONResponse(e.body(), status_code=e.status).body      # what goes on the wire
+        err = ErrorBody.model_validate_json(body).error
+        if err.message != e.message or not err.type:
+            raise AssertionError(f"error body does not carry the error: {body[:200]!r}") from None
+
+
+TARGETS["request"] = fuzz_request
+MAX_LEN["request"] = 65536
