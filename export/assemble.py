@@ -191,9 +191,11 @@ def _convert_encoders(b: BundleBuilder, fam: FamilyExport, precision: str, proje
         return {"precision": "fp32"}
     from scops.runtime.encode import ArrayOp
 
-    (modality,) = fam.modalities                       # one encoder chain per bundle for now
-    stages, prep = fam.modalities[modality]["stages"], fam.modalities[modality]["preprocess"]
-    ops = [ArrayOp(st) for st in stages if st["op"] not in ("onnx", "projector")]
+    # one encoder chain per bundle: every modality names the same stage files (Emu: image, video)
+    first = next(iter(fam.modalities.values()))
+    stages = [st for spec in fam.modalities.values() for st in spec["stages"]]
+    prep = first["preprocess"]
+    ops = [ArrayOp(st) for st in first["stages"] if st["op"] not in ("onnx", "projector")]
 
     def post(x):                                       # the numpy stages between the graphs and the projector
         for op in ops:
@@ -216,13 +218,13 @@ def _convert_encoders(b: BundleBuilder, fam: FamilyExport, precision: str, proje
     result = convert_stages(b.dir, files, main, projector, prep, log, post)
     for st in stages:
         if st.get("file") in result["files"]:
-            old, new = st["file"], result["files"][st["file"]]
-            st["file"] = new
-            entry = b.files[old] if "fp32" in variants else b.files.pop(old)
-            if "fp32" not in variants:
-                b.files.pop(old + ".data", None)
-                remove_stage(b.dir / old)
-            b.add_file(new, "onnx", **{k: entry[k] for k in ("inputs", "outputs", "opset")})
+            st["file"] = result["files"][st["file"]]
+    for old, new in result["files"].items():
+        entry = b.files[old] if "fp32" in variants else b.files.pop(old)
+        if "fp32" not in variants:
+            b.files.pop(old + ".data", None)
+            remove_stage(b.dir / old)
+        b.add_file(new, "onnx", **{k: entry[k] for k in ("inputs", "outputs", "opset")})
     return {**out, **{k: v for k, v in result.items() if k != "files"}}
 
 

@@ -102,6 +102,17 @@ def image_modality(sd: dict) -> dict:
          "bias": True}]}
 
 
+# Emu1/utils.py process_video: 8 frames at get_index(len(vr), 8), each through process_img;
+# the prompt holds one image placeholder per frame (runtime/video.py segment_indices).
+EMU_VIDEO_FRAMES = 8
+EMU_VIDEO = {**EMU_IMAGE, "kind": "video", "recipe": "emu", "frames": EMU_VIDEO_FRAMES}
+
+
+def video_modality(sd: dict) -> dict:
+    """The image chain run on every frame; each frame is its own [IMG] 32 rows [/IMG] slot."""
+    return {**image_modality(sd), "preprocess": EMU_VIDEO, "per_frame": True}
+
+
 def regress_head_step(sd: dict):
     """stu_regress_head -> regress_head.safetensors (the fused projector runs it, no bias)."""
     def run(b, log) -> dict:
@@ -155,7 +166,7 @@ def export_emu(src: str, out: Path, quant: str = "Q4_K_M",
         stages=((lambda: build_vision(release, sd), vspec), (lambda: build_cformer(sd), cspec)),
         projection_prefix="cformer.projection.", llm_prefix="", text_config=text_cfg,
         template=template,
-        modalities={"image": image_modality(sd)}, facts=facts, llm_dir=release.llama_dir,
+        modalities={"image": image_modality(sd), "video": video_modality(sd)}, facts=facts, llm_dir=release.llama_dir,
         llm_adjust=adjust, load=lambda prefix: sub_state(sd, prefix), llm_tensors=LlmTensors(sd),
         added_tokens=added, extra_steps=tuple(steps))
     return assemble_bundle(fam, release.checkpoint.parent, out, quant, log, encoder_precision)

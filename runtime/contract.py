@@ -132,9 +132,13 @@ TEMPLATE = {
 
 # Audio recipes the runtime computes (runtime/audio.py RECIPES): a bundle names one.
 AUDIO_RECIPES = ("imagebind", "bubogpt")
+# Video recipes (runtime/modalities.py): none = ImageBind's clips, "lego", "emu".
+VIDEO_RECIPES = ("lego", "emu")
 PREPROCESS = {"type": "object", "required": ["kind"],
-              "if": {"properties": {"kind": {"const": "audio"}}},
-              "then": {"properties": {"recipe": {"enum": list(AUDIO_RECIPES)}}}}
+              "allOf": [{"if": {"properties": {"kind": {"const": "audio"}}},
+                         "then": {"properties": {"recipe": {"enum": list(AUDIO_RECIPES)}}}},
+                        {"if": {"properties": {"kind": {"const": "video"}}},
+                         "then": {"properties": {"recipe": {"enum": list(VIDEO_RECIPES)}}}}]}
 
 MODALITY = {
     "type": "object",
@@ -142,6 +146,9 @@ MODALITY = {
     "properties": {
         "preprocess": PREPROCESS,
         "rows": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS},
+        # every item of the prepared batch (a video frame) is its own media slot of `rows` rows
+        # (Emu: one [IMG] 32 rows [/IMG] per frame); default: the batch makes one slot
+        "per_frame": {"type": "boolean"},
         "stages": {"type": "array", "minItems": 1, "maxItems": 32, "items": STAGE},
         "instruction": {"type": "object", "required": ["tokenizer", "max_len"],
                         "properties": {"tokenizer": _NAME, "max_len": {"type": "integer", "minimum": 1,

@@ -8,6 +8,7 @@ runs at splice time, straight into llama.cpp's batch memory (see project.py).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -203,7 +204,16 @@ def stage_file(record: dict, precision: str | None = None) -> str:
 
 
 def make_stage(bundle: Bundle, record: dict, providers, threads: int, cache_root: Path | None = None,
-               arena: bool = True, precision: str | None = None):
+               arena: bool = True, precision: str | None = None, shared: dict | None = None):
+    """`shared`: stage records already opened -> their stage (Emu's image and video modalities
+    run the same graphs: one onnxruntime session each, not two copies of EVA-CLIP-g); a
+    WeakValueDictionary, so that a stage goes with the last encoder that uses it."""
+    if shared is not None:
+        key = json.dumps(record, sort_keys=True)
+        stage = shared.get(key)
+        if stage is None:
+            stage = shared[key] = make_stage(bundle, record, providers, threads, cache_root, arena, precision)
+        return stage
     if record["op"] == "onnx":
         file = stage_file(record, precision)
         declared = bundle.manifest["files"][file]
@@ -222,7 +232,7 @@ class ModalityEncoder:
     """
 
     def __init__(self, bundle: Bundle, modality: str, providers, threads: int, cache_root: Path | None = None,
-                 arena: bool = True, precision: str | None = None):
+                 arena: bool = True, precision: str | None = None, shared: dict | None = None):
         spec = bundle.modalities[modality]
         self.modality = modality
         self.rows = int(spec["rows"])
@@ -230,7 +240,7 @@ class ModalityEncoder:
         for st in spec["stages"]:
             if st["op"] == "projector":
                 break
-            stages.append(make_stage(bundle, st, providers, threads, cache_root, arena, precision))
+            stages.append(make_stage(bundle, st, providers, threads, cache_root, arena, precision, shared))
         if not stages or not isinstance(stages[0], OnnxStage):
             raise BundleError(f"{bundle.path}: modality {modality} must start with an onnx stage")
         self.input_key = next(iter(stages[0].feeds.values()))

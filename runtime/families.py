@@ -143,15 +143,15 @@ FAMILIES += (
                           "generation (pretrained Emu + SD UNet/VAE)",
         exporter="scops.export.emu:export_emu",
         fixtures=(("emu-tiny", "scops.export.fixtures_emu:build_emu_tiny"),),
-        inputs=("image",), templates=("emu_i", "emu"),
+        inputs=("image", "video"), templates=("emu_i", "emu"),
         release=(ReleaseFile(("Emu-instruct.pt",), "Emu-I: the whole model's state dict (optionally under 'module'), "
                              "LoRA r16 under peft's names (chat bundle)", "BAAI/Emu (HF)"),
                  ReleaseFile(("pretrain/",), "pretrained Emu: `multimodal_encoder/pytorch_model.bin` (flat), "
                              "`unet/`, `vae/`, `scheduler/` (diffusers) (generation bundle)", "BAAI/Emu (HF)"),
                  ReleaseFile(("llama_config/", "Emu-14B.json"), "LLaMA's tokenizer.model + config.json, the model "
                              "config (beside the checkpoint)", "baaivision/Emu: Emu1/models/")),
-        sequence="`{system} [USER]: [IMG][32 rows][/IMG]q [ASSISTANT]:`; generation: `prompt[IMG]` + 32 "
-                 "regressed rows",
+        sequence="`{system} [USER]: [IMG][32 rows][/IMG]q [ASSISTANT]:`; video: 8 frames, one `[IMG][32 rows][/IMG]` "
+                 "each, the video system message; generation: `prompt[IMG]` + 32 regressed rows",
         hub_ids=("BAAI/Emu",),
     ),
 )

@@ -58,14 +58,31 @@ def _prepare_audio(wave, spec):
 
 def _decode_video(src, spec):
     """ImageBind recipe: the encoded bytes (clips are cut at prepare time); LEGO: the sampled
-    frames themselves, found by seeking (a path is never read whole)."""
-    if spec.get("recipe") != "lego":
+    frames themselves, found by seeking (a path is never read whole); Emu: its 8 segment
+    frames, each resized as Emu's pictures are (Pillow, S x S)."""
+    if spec.get("recipe") not in ("lego", "emu"):
         return _bytes(src, spec)
     if not isinstance(src, (str, Path, bytes, bytearray, memoryview)):
         from .errors import InputError
         raise InputError(f"video input must be a path or bytes, not {type(src).__name__}")
+    if spec["recipe"] == "emu":
+        return _decode_emu_video(src, spec)
     from .video import sample_uniform
     return sample_uniform(src, int(spec["frames"]), int(spec["size"]))   # ([T, S, S, 3] uint8, VideoInfo)
+
+
+def _decode_emu_video(src, spec):
+    """Emu1/utils.py process_video: frames at get_index(len, 8), each Image.fromarray(frame)
+    .resize((224, 224)) (Pillow's bicubic) -> ([T, S, S, 3] uint8, VideoInfo)."""
+    from PIL import Image
+
+    from .preprocess import _RESAMPLE
+    from .video import sample_segments
+
+    size, resample = int(spec["size"]), _RESAMPLE[spec.get("interpolation", "bicubic")]
+    frames, info = sample_segments(src, int(spec["frames"]))
+    small = [np.asarray(Image.fromarray(f).resize((size, size), resample=resample)) for f in frames]
+    return np.stack(small), info                                 # T x [S, S, 3] -> [T, S, S, 3]
 
 
 def _video_key(decoded) -> str:
@@ -76,6 +93,8 @@ def _prepare_video(data, spec):
     if spec.get("recipe") == "lego":
         from .video import frames_to_batch
         return frames_to_batch(data[0], spec)                   # [T, 3, 224, 224]
+    if spec.get("recipe") == "emu":                             # already S x S: only mean / std
+        return np.stack([preprocess_image(f, spec) for f in data[0]])   # -> [T, 3, S, S]
     from .media import preprocess_video
     return preprocess_video(data)                               # [clips * crops, 3, 2, 224, 224]
 

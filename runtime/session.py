@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,9 +140,10 @@ class Session:
         self.memory_need = check_fits(bundle, opts, kv_type) if opts.check_memory else None
         cache_root = Path(os.environ.get("SCOPS_CACHE") or Path.home() / ".cache" / "scops")
         self.providers = pick_providers((CPU,) if opts.device == "cpu" else opts.providers)
+        shared = weakref.WeakValueDictionary()     # modalities running the same graph share its session
         self.encoders = Encoders(
             lambda m: ModalityEncoder(bundle, m, self.providers, opts.threads, cache_root, opts.onnx_arena,
-                                      opts.encoder_precision),
+                                      opts.encoder_precision, shared),
             bundle.modalities, lazy=opts.lazy_encoders, idle_s=opts.encoder_idle_s)
         self.projectors = {}
         proj_backend = "cpu" if opts.device == "cpu" and opts.projector_backend == "auto" else opts.projector_backend
@@ -224,8 +226,8 @@ class Session:
 
     def describe_backends(self) -> str:
         """One line naming every backend in use: each graph's provider, the projector, llama.cpp."""
-        graphs = ", ".join(f"{st.name} {short(st.backend)}" for enc in self.encoders.values()
-                           for st in enc.base + enc.rest if hasattr(st, "backend"))
+        stages = {id(st): st for enc in self.encoders.values() for st in enc.base + enc.rest}   # shared once
+        graphs = ", ".join(f"{st.name} {short(st.backend)}" for st in stages.values() if hasattr(st, "backend"))
         proj = ",".join(sorted({p.backend for p in self.projectors.values()}))
         if self._pinned is not None:
             proj += " (pinned embd)"
@@ -270,7 +272,11 @@ class Session:
     # ---- media --------------------------------------------------------------------
     def _warmup(self) -> None:
         """First-call costs (graph init, allocations) paid at open, not in the first turn."""
+        warm: set = set()
         for m, enc in self.encoders.items():
+            if {id(st) for st in enc.base + enc.rest} <= warm:     # the same graphs as a warmed modality
+                continue
+            warm |= {id(st) for st in enc.base + enc.rest}
             shape = [d if isinstance(d, int) else 1 for d in enc.base[0].shape]
             base = enc.encode_base(np.zeros(shape, np.float32))
             instr = self.instruction_tok.encode("warm up") if enc.uses_instruction else None
@@ -329,10 +335,15 @@ class Session:
                 facts.append(dict(kind.facts(decoded), **({"source": str(src)} if isinstance(src, (str, Path)) else {})))
         salt = "|q:" + content_hash(np.frombuffer(instruction.encode(), np.uint8)) if uses_instruction else ""
         refs = [MediaRef(modality, k + salt) for k, _, _ in items]
+        # per_frame (Emu's video): frame i of an input is the slot "<key>#i", rows [Q, D] each
+        per_frame = bool(self.bundle.modalities[modality].get("per_frame"))
+        slots = {r.key: [f"{r.key}#{i}" for i in range(len(d[0]) if d is not None else len(b))] if per_frame
+                 else [r.key] for r, (_, d, b) in zip(refs, items)}
         with self._lock:                          # geometry for grounding (size, duration)
             for ref, f in zip(refs, facts):
-                self.facts[ref.key] = f
-                self.facts.move_to_end(ref.key)
+                for i, slot in enumerate(slots[ref.key]):
+                    self.facts[slot] = dict(f, frame=i) if per_frame else f
+                    self.facts.move_to_end(slot)
             while len(self.facts) > MEDIA_CACHE_ITEMS:
                 self.facts.popitem(last=False)
         if modality == "image" and self.grounder is not None:
@@ -343,10 +354,13 @@ class Session:
         got: dict = {}
         for ref, (k, decoded, batch) in zip(refs, items):
             with self._lock:
-                got[ref.key] = self._media.get(ref.key)
-                self.stats.media_cache_hits += got[ref.key] is not None
+                cached = [self._media.get(slot) for slot in slots[ref.key]]
+                hit = all(c is not None for c in cached)
+                if hit:
+                    got.update(zip(slots[ref.key], cached))
+                self.stats.media_cache_hits += hit
                 base = self._base.get(k)
-            if got[ref.key] is not None:
+            if hit:
                 continue
             if enc is None:                  # built here if lazy or dropped: that time counts as encoding
                 t1 = time.perf_counter()
@@ -366,18 +380,21 @@ class Session:
                             self._base.popitem(last=False)
             t1 = time.perf_counter()
             instr = self.instruction_tok.encode(instruction) if uses_instruction else None
-            rows = enc.encode_rows(base, instr)[0]                      # [1, Q, D] -> [Q, D]
-            got[ref.key] = (modality, np.ascontiguousarray(rows))
-            self._remember(ref.key, *got[ref.key])
+            rows = enc.encode_rows(base, instr)                         # [N, Q, D]
+            for slot, r in zip(slots[ref.key], rows):                   # [Q, D] each: N slots or the first
+                got[slot] = (modality, np.ascontiguousarray(r))
+                self._remember(slot, *got[slot])
             t_enc += time.perf_counter() - t1
         with self._lock:
             for r, (k, _, _) in zip(refs, items):
-                if r.key in self._media:
-                    self._media.move_to_end(r.key)
+                for slot in slots[r.key]:
+                    if slot in self._media:
+                        self._media.move_to_end(slot)
                 if k in self._base:
                     self._base.move_to_end(k)
         total = time.perf_counter() - t0
-        return refs, got, {"preprocess_ms": (total - t_enc) * 1e3, "encode_ms": t_enc * 1e3}
+        out = [MediaRef(modality, slot) for r in refs for slot in slots[r.key]]
+        return out, got, {"preprocess_ms": (total - t_enc) * 1e3, "encode_ms": t_enc * 1e3}
 
     def _remember(self, key: str, modality: str, rows: np.ndarray) -> None:
         with self._lock:

@@ -141,7 +141,7 @@ EMU_VIDEO_SYSTEM = ("You are a helpful assistant and you will be presented with 
                     "chronological images: [IMG]ImageContent[/IMG]. You will be able to see the video after I "
                     "provide it to you. Please answer my questions based on the given video.")
 _EMU_COMMON = {
-    "media": {"image": "[IMG]<ImageHere>[/IMG]"},
+    "media": {"image": "[IMG]<ImageHere>[/IMG]", "video": "[IMG]<ImageHere>[/IMG]"},   # video: one per frame
     "media_sep": "",
     "placeholder": "<ImageHere>",
     "bos": "first",

@@ -216,6 +216,23 @@ def sample_uniform(src, n: int = 64, size: int = 224) -> tuple[np.ndarray, Video
     return np.stack(frames), info
 
 
+def segment_indices(vlen: int, n: int) -> list[int]:
+    """Emu1/utils.py get_index(num_frames, num_segments): the n segments of (vlen - 1) frames,
+    seg = (vlen - 1) / n, frame int(seg / 2) + round(seg * i) of each (numpy's round, half to
+    even). Always n picks: a video shorter than n frames repeats some."""
+    seg = float(vlen - 1) / n
+    start = int(seg / 2)
+    return [start + int(np.round(seg * i)) for i in range(n)]
+
+
+def sample_segments(src, n: int = 8) -> tuple[list[np.ndarray], VideoInfo]:
+    """Emu's video frames: the n segment picks (segment_indices) at full size, RGB uint8
+    [H, W, 3] each, and the video's facts (frame k is the frame shown at k / fps, as decord)."""
+    def times(info: VideoInfo) -> list[float]:
+        return [k / info.fps for k in segment_indices(info.frames, n)]
+    return read_frames_at(src, times)
+
+
 def _cubic_weights(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
     """[n_out, n_in] weights of torch's bicubic interpolate (align_corners=False, no antialias):
     source x = (i + 0.5) * n_in / n_out - 0.5 (not clamped), taps floor(x) - 1 .. + 2 clamped

@@ -41,6 +41,29 @@ def process_img(rgb: np.ndarray) -> torch.Tensor:
     return torch.tensor(img).to(torch.float).permute(2, 0, 1).unsqueeze(0)
 
 
+VIDEO_SYSTEM = ("You are a helpful assistant and you will be presented with a video consisting of multiple "
+                "chronological images: [IMG]ImageContent[/IMG]. You will be able to see the video after I provide "
+                "it to you. Please answer my questions based on the given video.")
+
+
+def get_index(num_frames: int, num_segments: int) -> np.ndarray:
+    """Emu1/utils.py get_index, as written there."""
+    seg_size = float(num_frames - 1) / num_segments
+    start = int(seg_size / 2)
+    return np.array([start + int(np.round(seg_size * idx)) for idx in range(num_segments)])
+
+
+def process_video(path) -> tuple[torch.Tensor, str, np.ndarray]:
+    """Emu1/utils.py process_video with decord's VideoReader replaced by decoding every frame
+    with PyAV in order (vr[k] = the k-th decoded frame): -> pixels [8, 3, 224, 224], the
+    prompt's 8 placeholders, the full-size RGB frames picked."""
+    import av
+    with av.open(str(path)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    picked = [frames[k] for k in get_index(len(frames), 8)]
+    return torch.cat([process_img(f) for f in picked], dim=0), PLACEHOLDER * len(picked), np.stack(picked)
+
+
 class EvaAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()

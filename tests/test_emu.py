@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import write_png
-from reference_emu import IMAGE_SYSTEM, PLACEHOLDER, EmuReference, process_img, reference_picture
+from media_helpers import frame_number, make_video
+from reference_emu import (IMAGE_SYSTEM, PLACEHOLDER, VIDEO_SYSTEM, EmuReference, get_index, process_img,
+                           process_video, reference_picture)
 
 Q1, Q2 = "What is in the image?", "Tell me more."
 N = 16
@@ -142,6 +144,56 @@ def test_second_turn_equals_reference(chat, ref_i, photos, cat):
     prompt = f"{IMAGE_SYSTEM} [USER]: {PLACEHOLDER}{Q1} [ASSISTANT]: {a1}</s> [USER]: {Q2} [ASSISTANT]:"
     assert r2.token_ids == ref_i.generate(prompt, ref_i.image_rows(process_img(photos["cat"])), N)
     assert r2.timings["reused_cells"] > 100                      # the first turn stayed in the KV
+
+
+# ---- video (Emu-I: 8 frames, one [IMG] 32 rows [/IMG] each, the video system message) ----------
+QV = "What's the woman doing in the video?"
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """37 frames that say their own number (a length that makes get_index round both ways)."""
+    return make_video(tmp_path_factory.mktemp("emuvid") / "clip.mp4", 37, 10, w=96, h=64, gop=5)
+
+
+def test_segment_indices_are_get_index():
+    from scops.runtime.video import segment_indices
+    assert segment_indices(100, 8) == [6, 18, 31, 43, 56, 68, 80, 93]
+    assert segment_indices(5, 8) == [0, 0, 1, 2, 2, 2, 3, 4]       # shorter than 8: repeats
+    for n in (1, 2, 7, 8, 9, 37, 120, 1001):
+        assert segment_indices(n, 8) == get_index(n, 8).tolist()
+
+
+def test_video_frames_are_the_originals_picks(chat, clip):
+    from scops.runtime.modalities import KINDS
+    spec = chat.bundle.modalities["video"]["preprocess"]
+    frames, info = KINDS["video"].decode(clip, spec)
+    want_px, _, picked = process_video(clip)
+    assert info.frames == 37 and frames.shape == (8, 224, 224, 3)
+    assert [frame_number(f) for f in picked] == get_index(37, 8).tolist()
+    assert [frame_number(f, 224 / 96, 224 / 64) for f in frames] == get_index(37, 8).tolist()
+    batch = KINDS["video"].prepare((frames, info), spec)
+    assert batch.shape == (8, 3, 224, 224) and np.max(np.abs(batch - want_px.numpy())) <= 1e-5
+
+
+def test_video_chat_equals_reference(chat, ref_i, clip):
+    """Prompt ids and greedy tokens of a video question == the original's (process_video, video
+    system message, Emu_inference's prompt); each frame is its own 32-row slot."""
+    reply = chat.chat().send(QV, videos=[clip], temperature=0, max_tokens=N).result()
+    px, placeholders, _ = process_video(clip)
+    prompt = f"{VIDEO_SYSTEM} [USER]: {placeholders}{QV} [ASSISTANT]:"
+    image = ref_i.specials["<image>"]
+    assert [c if isinstance(c, int) else image for c in reply.cells] == ref_i.tokenize(prompt)
+    slots = [c[0] for c in reply.cells if not isinstance(c, int)]
+    assert len(slots) == 8 * 32 and len(set(slots)) == 8
+    assert reply.token_ids == ref_i.generate(prompt, ref_i.image_rows(px), N)
+    again = chat.chat().send(QV, videos=[clip], temperature=0, max_tokens=2).result()
+    assert again.timings["encode_ms"] == 0 and chat.stats.media_cache_hits >= 1      # 8 frames cached
+
+
+def test_video_shares_the_image_graphs(chat):
+    assert chat.encoders["video"].base[0] is chat.encoders["image"].base[0]          # one EVA session
+    assert chat.describe_backends().count("vision.onnx") == 1
 
 
 def test_user_text_never_becomes_a_special_token(chat):
