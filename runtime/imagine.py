@@ -46,6 +46,7 @@ class GeneratedImage:
     timings: dict
     embeddings: np.ndarray          # the 32 regressed rows that conditioned the UNet [32, n_embd]
     safety_checked: bool = False    # see the module docstring
+    options: ImageOptions | None = None   # what drew it (steps, guidance, size; seed as used above)
 
     def save(self, path) -> None:
         """Write the picture (format from the suffix) atomically."""
@@ -167,7 +168,7 @@ class Imaginer:
         timings = {"encode_ms": (t1 - t0) * 1e3, "regress_ms": (t2 - t1) * 1e3, **self.decoder.timings,
                    "total_ms": (time.perf_counter() - t0) * 1e3}
         timings["s_per_step"] = timings["denoise_ms"] / 1e3 / options.steps
-        return GeneratedImage(pixels, seed, timings, cond)
+        return GeneratedImage(pixels, seed, timings, cond, options=dataclasses.replace(options, seed=seed))
 
 
 def generate_image(session, prompt: str, images=(), latents=None, progress=None, cancel=None,

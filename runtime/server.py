@@ -32,6 +32,8 @@ from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
 
 from .engine import Engine
+from .images_api import ImageLimits
+from .server_images import DEFAULT_MAX_IMAGE_SIDE, DEFAULT_MAX_IMAGE_STEPS, ImageRoute
 from .errors import OptionError
 from .http_guard import DRAIN_MAX_BYTES, error_response, guard, guarded_protocol
 from .openai_api import (ApiError, ChatRequest, Delta, Limits, ModelCard, ModelList, ScopsInfo, Usage, build_chunk,
@@ -68,10 +70,12 @@ class ServerOptions:
     snapshots: int = DEFAULT_SNAPSHOTS    # sets the session's snapshot store
     client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
     decode_workers: int = DEFAULT_DECODE_WORKERS
+    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE      # /v1/images/generations: pixels per side
+    max_image_steps: int = DEFAULT_MAX_IMAGE_STEPS    # /v1/images/generations: denoising steps
 
     def check(self) -> None:
         for name in ("queue", "max_tokens_cap", "max_body_mb", "max_image_pixels", "max_audio_seconds",
-                     "client_timeout_s", "decode_workers"):
+                     "client_timeout_s", "decode_workers", "max_image_side", "max_image_steps"):
             if getattr(self, name) <= 0:
                 raise OptionError(f"--{name.replace('_', '-')} must be > 0")
         if self.snapshots < 0:
@@ -103,12 +107,14 @@ class Server:
             raise OptionError(f"cannot listen on {opts.host}:{opts.port} ({e.strerror or e})") from None
         self.port = self.sock.getsockname()[1]
         self.engine = Engine(session, self.limits, opts.queue, opts.decode_workers)
+        self.images = ImageRoute(self, ImageLimits(opts.max_image_side, opts.max_image_steps, opts.max_image_pixels))
         self.app = Starlette(routes=[
             Route("/", self.page_view, methods=["GET"]),
             Route("/index.html", self.page_view, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/images/generations", self.images.handle, methods=["POST"]),
         ], exception_handlers={ApiError: error_response, HTTPException: error_response, Exception: error_response})
         config = uvicorn.Config(guard(self.app, self), log_level="warning", access_log=False, lifespan="off",
                                 server_header=False, http=guarded_protocol(opts.client_timeout_s), timeout_keep_alive=5,
@@ -145,6 +151,7 @@ class Server:
     def report_health(self) -> dict:
         e = self.engine
         return {"status": "ok", "model": self.model_id, "modalities": sorted(self.session.bundle.modalities),
+                "generates_images": self.images.available,
                 "parallel": self.session.llm.n_seq, "active": e.scheduler.active(), "admitted": e.admitted,
                 "capacity": e.capacity, "queue": self.opts.queue, "counts": dict(e.counts),
                 "snapshots": len(e.scheduler.snapshots), "max_tokens_cap": self.opts.max_tokens_cap}
@@ -337,6 +344,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--client-timeout", type=float, default=DEFAULT_CLIENT_TIMEOUT_S,
                    help="seconds a client gets to send its request, and to take each streamed event")
     p.add_argument("--decode-workers", type=int, default=DEFAULT_DECODE_WORKERS, help="pictures decoded at once")
+    p.add_argument("--max-image-side", type=int, default=DEFAULT_MAX_IMAGE_SIDE,
+                   help="/v1/images/generations (Emu): largest width or height drawn")
+    p.add_argument("--max-image-steps", type=int, default=DEFAULT_MAX_IMAGE_STEPS,
+                   help="/v1/images/generations (Emu): most denoising steps a request may ask for")
     p.add_argument("--prefill-chunk", type=int, default=0, help="prompt cells per step while others stream (0: default)")
     p.add_argument("--history", choices=["ids", "text"], default="ids",
                    help="earlier answers in a prompt: as generated (ids) or re-tokenized like the originals (text)")
@@ -355,7 +366,8 @@ def run_serve(args) -> int:
     from .session import Session
     opts = ServerOptions(args.host, args.port, args.api_key, args.allow_remote_media, args.queue,
                          args.max_tokens_cap, args.max_body_mb, args.max_image_pixels, args.max_audio_seconds,
-                         args.snapshots, args.client_timeout, args.decode_workers)
+                         args.snapshots, args.client_timeout, args.decode_workers,
+                         max_image_side=args.max_image_side, max_image_steps=args.max_image_steps)
     opts.check()
     extra = {"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}
     session = Session.open(args.bundle, n_ctx=args.n_ctx, threads=args.threads, verify=not args.no_verify,

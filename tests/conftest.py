@@ -44,6 +44,28 @@ def bundle(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def emu_src(tmp_path_factory):
+    """The emu-tiny release (Emu-instruct.pt, pretrain/ with unet/ vae/ scheduler/, llama_config/)."""
+    from scops.export.fixtures_emu import build_emu_tiny
+    return build_emu_tiny(tmp_path_factory.mktemp("emu") / "emu-tiny")
+
+
+@pytest.fixture(scope="session")
+def emu_bundles(emu_src, tmp_path_factory):
+    """emu_bundles("chat" | "gen") -> the Emu-I chat bundle / the generation bundle, F32 (cached)."""
+    from scops.export.emu import export_emu
+    root = tmp_path_factory.mktemp("emub")
+    made = {}
+
+    def get(kind: str):
+        if kind not in made:
+            src = emu_src / ("Emu-instruct.pt" if kind == "chat" else "pretrain")
+            made[kind] = export_emu(str(src), root / kind, "F32", log=lambda s: None)
+        return made[kind]
+    return get
+
+
+@pytest.fixture(scope="session")
 def photos():
     """Real photos (RGB uint8) shipped with scikit-image."""
     from skimage import data

@@ -20,21 +20,18 @@ N = 16
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    from scops.export.fixtures_emu import build_emu_tiny
-    return build_emu_tiny(tmp_path_factory.mktemp("emu") / "emu-tiny")
+def src(emu_src):
+    return emu_src
 
 
 @pytest.fixture(scope="module")
-def chat_bundle(src, tmp_path_factory):
-    from scops.export.emu import export_emu
-    return export_emu(str(src / "Emu-instruct.pt"), tmp_path_factory.mktemp("emub") / "chat", "F32", log=lambda s: None)
+def chat_bundle(emu_bundles):
+    return emu_bundles("chat")
 
 
 @pytest.fixture(scope="module")
-def gen_bundle(src, tmp_path_factory):
-    from scops.export.emu import export_emu
-    return export_emu(str(src / "pretrain"), tmp_path_factory.mktemp("emub") / "gen", "F32", log=lambda s: None)
+def gen_bundle(emu_bundles):
+    return emu_bundles("gen")
 
 
 @pytest.fixture(scope="module")

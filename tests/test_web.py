@@ -14,6 +14,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WAIT_MS = 30_000
 SCREENSHOT = "/tmp/scops_web.png"
+SCREENSHOT_IMAGE = "/tmp/scops_web_image.png"
 
 if not os.access(CHROMIUM, os.X_OK):
     pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)", allow_module_level=True)
@@ -132,3 +133,66 @@ def test_chat_page_sends_an_audio_clip(page, tmp_path_factory):
             assert "encode" in answer.locator(".timings").inner_text()
         finally:
             server.close()
+
+
+READ_PIXELS = """(img) => {
+  const c = document.createElement("canvas");
+  c.width = img.naturalWidth;
+  c.height = img.naturalHeight;
+  const g = c.getContext("2d");
+  g.drawImage(img, 0, 0);
+  return { w: c.width, h: c.height, rgba: Array.from(g.getImageData(0, 0, c.width, c.height).data) };
+}"""
+
+
+def test_image_mode_draws_the_picture(page, emu_bundles, server):
+    """With a bundle that draws (emu-tiny's pretrained Emu), the page's image mode posts the
+    prompt to /v1/images/generations and shows the picture: the pixels the browser decoded
+    are the session's own picture for that seed. A chat-only bundle offers no image mode."""
+    import numpy as np
+    from scops.runtime.server import Server, ServerOptions
+    from scops.runtime.session import Session
+
+    page.goto(server.url + "/")                                   # the chat-only tiny MiniGPT-4
+    page.locator("#model", has_text="image").wait_for(timeout=WAIT_MS)
+    assert page.locator("#modes").is_hidden()
+    errors: list = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with Session.open(emu_bundles("gen"), n_ctx=512) as session:
+        srv = Server(session, ServerOptions(port=0)).start()
+        try:
+            page.goto(srv.url + "/")
+            page.locator("#modes").wait_for(state="visible", timeout=WAIT_MS)
+            assert page.locator("#image-opts").is_hidden()
+            page.click("#mode-image")
+            assert page.locator("#image-opts").is_visible()
+            page.fill("#steps", "3")
+            page.fill("#seed", "7")
+            page.fill("#input", "a red boat on the river")
+            page.press("#input", "Enter")
+            answer = page.locator(".msg.assistant").last
+            picture = answer.locator("img.generated")
+            picture.wait_for(timeout=WAIT_MS)
+            shown = picture.evaluate(READ_PIXELS)
+            want = session.generate_image("a red boat on the river", steps=3, seed=7).pixels
+            got = np.asarray(shown["rgba"], np.uint8).reshape(shown["h"], shown["w"], 4)
+            assert got.shape[:2] == want.shape[:2] and (got[..., 3] == 255).all()
+            # the same picture (the prompt's KV prefix is reused the second time: a level at most)
+            assert np.abs(got[..., :3].astype(int) - want).max() <= 1 and want.std() > 1
+            page.screenshot(path=SCREENSHOT_IMAGE, full_page=True)
+            timings = answer.locator(".timings").inner_text()
+            assert "seed 7" in timings and "3 steps" in timings and "s/step" in timings, timings
+            assert "error" not in (answer.get_attribute("class") or "")
+            assert page.locator(".msg.user", has_text="a red boat").count() == 1
+
+            page.fill("#steps", "100000")                          # over the server's cap: its message
+            page.fill("#input", "another boat")
+            page.press("#input", "Enter")
+            bad = page.locator(".msg.assistant.error")
+            bad.wait_for(timeout=WAIT_MS)
+            assert "cap" in bad.inner_text()
+            page.click("#mode-chat")
+            assert page.locator("#image-opts").is_hidden()
+            assert errors == []
+        finally:
+            srv.close()
