@@ -25,6 +25,7 @@ import hashlib
 import logging
 import time
 import weakref
+from concurrent.futures import CancelledError
 
 from .errors import OptionError
 from .llm import Sampling
@@ -332,6 +333,9 @@ class Reply:
                 return [], {}
             try:
                 picture = self.picture.result()
+            except CancelledError:               # still queued when newer pictures pushed it out
+                self._grounding = ([], {"error": "grounding skipped: too many newer pictures were queued"})
+                return self._grounding
             except Exception as e:               # a failed stage costs the entities, not the answer
                 log.warning("grounding failed: %s", e)
                 self._grounding = ([], {"error": f"{type(e).__name__}: {e}"})

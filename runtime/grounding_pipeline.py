@@ -66,7 +66,7 @@ class Grounder:
         self.record = bundle.manifest["grounding"]
         self.providers, self.threads, self.llm = providers, threads, llm
         self._stages = None
-        self._cache: OrderedDict[str, Future] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Future, list]] = OrderedDict()      # key -> (job, its picture while queued)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="scops-ground", initializer=_lower_priority)
         matcher = self.record.get("matcher")
@@ -124,20 +124,28 @@ class Grounder:
                                  "segment_ms": (t3 - t2) * 1e3})
 
     def submit(self, key: str, rgb: np.ndarray) -> Future:
-        """Ground a picture in the worker (once per content hash); returns its future."""
+        """Ground a picture in the worker (once per content hash); returns its future. At most
+        PICTURES_CACHED pictures are kept: an older one still waiting for the worker is
+        cancelled and its pixels (up to 150 MB at 50 MP) let go at once."""
         with self._lock:
-            fut = self._cache.get(key)
-            if fut is None or (fut.done() and fut.exception() is not None):
-                fut = self._pool.submit(self.ground, rgb)
-                self._cache[key] = fut
+            fut = self._cache.get(key, (None,))[0]
+            if fut is None or fut.cancelled() or (fut.done() and fut.exception() is not None):
+                held = [rgb]                  # emptied if the job is cancelled before it runs
+                fut = self._pool.submit(self._ground_queued, held)
+                self._cache[key] = (fut, held)
             self._cache.move_to_end(key)
             while len(self._cache) > PICTURES_CACHED:
-                self._cache.popitem(last=False)
+                _, (old, held) = self._cache.popitem(last=False)
+                if old.cancel():
+                    held.clear()
             return fut
+
+    def _ground_queued(self, held: list) -> PictureGrounding:
+        return self.ground(held.pop())
 
     def future(self, key: str) -> Future | None:
         with self._lock:
-            return self._cache.get(key)
+            return self._cache.get(key, (None,))[0]
 
     # ---- per answer -----------------------------------------------------------------------
     def entities(self, picture: PictureGrounding, answer: str, media: int = 0) -> tuple[list[Entity], dict]:

@@ -52,38 +52,47 @@ def boxes_to_frame(boxes: np.ndarray, original: tuple[int, int], resized: tuple[
     return b.astype(np.float32)
 
 
-@lru_cache(maxsize=32)
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of torch's 1-D bilinear resize (align_corners=False, no antialias)."""
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torch's 1-D bilinear resize (align_corners=False, no antialias), n_in -> n_out, as two
+    taps per output: (i0 [n_out], i1 = min(i0 + 1, n_in - 1), lam [n_out] float64): out =
+    (1 - lam) * x[i0] + lam * x[i1]."""
     scale = n_in / n_out
     src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    lam = src - i0
+    return i0, np.minimum(i0 + 1, n_in - 1), src - i0
+
+
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """bilinear_taps as a dense [n_out, n_in] float64 matrix (the plain reference; not cached:
+    at 50 MP one is 70 MB)."""
+    i0, i1, lam = bilinear_taps(n_in, n_out)
     m = np.zeros((n_out, n_in), np.float64)
     np.add.at(m, (np.arange(n_out), i0), 1.0 - lam)
     np.add.at(m, (np.arange(n_out), i1), lam)
     return m
 
 
-@lru_cache(maxsize=32)
 def _axis_map(n_low: int, size: int, kept: int, n_out: int) -> np.ndarray:
-    """low-res axis -> S (bilinear) -> first `kept` -> n_out (bilinear): one [n_out, n_low] matrix
-    (cached: every mask of a picture shares it; read only)."""
+    """low-res axis -> S (bilinear) -> first `kept` -> n_out (bilinear): one dense [n_out, n_low]
+    matrix (the plain reference of _axis_taps)."""
     return (bilinear_matrix(kept, n_out) @ bilinear_matrix(n_low, size)[:kept]).astype(np.float32)
 
 
 @lru_cache(maxsize=32)
 def _axis_taps(n_low: int, size: int, kept: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """_axis_map as taps: (index [n_out, K] int64, weight [n_out, K] float32), K <= 3; rows
-    with fewer taps are padded with weight 0 on index 0 (the same float32 weights)."""
-    m = _axis_map(n_low, size, kept, n_out)                              # [n_out, n_low]
-    nz = m != 0
-    k = max(1, int(nz.sum(axis=1).max()))
-    order = np.argsort(~nz, axis=1, kind="stable")[:, :k]               # nonzero columns first
-    weight = np.take_along_axis(m, order, axis=1)
-    index = np.where(weight != 0, order, 0)
-    return index, weight
+    """_axis_map as taps, built without it: (index [n_out, 3] int64, weight [n_out, 3] float32).
+    Output o reads S-positions b0, b1 = b0 + 1 (clipped), each of which reads low-res a0, a0 + 1
+    (clipped): at most 3 consecutive low-res indices. Unused taps have weight 0 (cached: every
+    mask of a picture shares them; ~36 bytes per output row or column; read only)."""
+    a0, a1, la = bilinear_taps(n_low, size)                              # S <- S/4
+    b0, b1, lb = bilinear_taps(kept, n_out)                              # n_out <- first `kept` of S
+    index = np.stack([a0[b0], a1[b0], a0[b1], a1[b1]], axis=1)           # [n_out, 4] low-res rows
+    weight = np.stack([(1 - lb) * (1 - la[b0]), (1 - lb) * la[b0], lb * (1 - la[b1]), lb * la[b1]], axis=1)
+    lo = index[:, :1]                                                    # = a0[b0], the smallest
+    width = 3
+    out = np.zeros((n_out, width), np.float64)
+    np.add.at(out, (np.arange(n_out)[:, None], index - lo), weight)      # equal indices summed
+    return np.minimum(lo + np.arange(width), n_low - 1), out.astype(np.float32)
 
 
 def upsample_mask(low: np.ndarray, size: int, resized: tuple[int, int], original: tuple[int, int],
@@ -122,6 +131,16 @@ def upsample_logits(low: np.ndarray, size: int, resized: tuple[int, int], origin
 
 
 _EIGHT = np.ones((3, 3), bool)     # cv2.connectedComponentsWithStats(..., 8)
+COUNT_CHUNK = 1 << 20              # labels counted a chunk at a time: bincount copies int32 to int64
+
+
+def _region_sizes(labels: np.ndarray, n: int) -> np.ndarray:
+    """Pixels per label 0..n of an int32 label image, without an 8-byte-a-pixel copy."""
+    flat = labels.ravel()
+    sizes = np.zeros(n + 1, np.int64)
+    for i in range(0, flat.size, COUNT_CHUNK):
+        sizes += np.bincount(flat[i:i + COUNT_CHUNK], minlength=n + 1)
+    return sizes
 
 
 def fill_small_holes_plain(mask: np.ndarray, area: int) -> np.ndarray:
@@ -133,7 +152,7 @@ def fill_small_holes_plain(mask: np.ndarray, area: int) -> np.ndarray:
     labels, n = ndimage.label(~mask, structure=_EIGHT)
     if n == 0:
         return mask
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = _region_sizes(labels, n)
     small = sizes < area
     small[0] = False                      # label 0 is the foreground itself
     if not small.any():
@@ -160,7 +179,7 @@ def fill_small_holes(mask: np.ndarray, area: int) -> np.ndarray:
     labels, n = ndimage.label(~crop, structure=_EIGHT)
     if n == 0:
         return mask
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = _region_sizes(labels, n)
     small = sizes < area
     small[0] = False
     if not small.any():

@@ -117,3 +117,31 @@ def test_export_records_precision_in_manifest(tiny_ckpt, tmp_path, photos):
         reply = s.chat().send("What is it?", images=[photos["cat"]], temperature=0, max_tokens=4,
                               ignore_stop=True).result()
     assert len(reply.token_ids) == 4 and np.isfinite(reply.timings["ttft_ms"])
+
+
+def test_grounding_bench_times_every_stage(grounding_bundle, tmp_path, monkeypatch):
+    """`scops bench --shape bubogpt-grounding` measuring and reporting, on the tiny bundle's four
+    graphs standing in for both SAM variants (building the published shapes is the long part)."""
+    from scops.bench import grounding as bg
+
+    record = json.loads((grounding_bundle / "manifest.json").read_text())["grounding"]
+    graphs = tmp_path / "graphs"
+    for variant in ("b", "h"):
+        (graphs / variant).mkdir(parents=True)
+        for name in ("ram.onnx", "groundingdino.onnx", "groundingdino_tokenizer.json", "sam_encoder.onnx",
+                     "sam_decoder.onnx"):
+            (graphs / variant / name).symlink_to(grounding_bundle / name)
+        (graphs / variant / "record.json").write_text(json.dumps({"grounding": record}))
+    monkeypatch.setattr(bg, "build", lambda log: graphs)
+    out = tmp_path / "out"
+    md = bg.run_grounding_bench(2, 1, out, "scops bench --shape bubogpt-grounding", lambda s: None)
+    report = json.loads((out / "report.json").read_text())
+    stages = [r["stage"] for r in report["rows"]]
+    assert stages == ["RAM Swin-L tagger", "GroundingDINO Swin-T", "SAM ViT-B image encoder", "SAM ViT-B box decoder",
+                      "SAM ViT-H image encoder", "SAM ViT-H box decoder", "masks: upsample, fill holes, RLE"]
+    for r in report["rows"]:
+        assert len(r["ms"]) == 2 and 0 < r["p50"] <= r["p90"] and f"| {r['stage']} |" in md
+    assert "| masks: upsample, fill holes, RLE | 10 x 800x1066 | numpy+scipy |" in md
+    assert "picture total, SAM ViT-H" in md and report["picture"] == [800, 1066]
+    assert (out / "report.md").read_text().endswith("reproduce: scops bench --shape bubogpt-grounding\n")
+    assert (out / "latency.png").read_bytes()[:8] == PNG_MAGIC

@@ -141,6 +141,106 @@ def test_detections_are_capped_and_counted(session, photos, monkeypatch):
     assert g.detections[0].score >= g.detections[1].score
 
 
+def test_no_tags_or_no_boxes_answer_with_no_entities(session, photos, monkeypatch):
+    """End to end through a chat: a picture in which RAM passes no tag, then one in which
+    GroundingDINO keeps no box: the answer streams and its grounding is empty, not an error."""
+    tagger, detector, _ = session.grounder.stages()
+    monkeypatch.setattr(tagger, "thresholds", np.full_like(tagger.thresholds, 2.0))    # a sigmoid never passes
+    pictures = [photos["coffee"][::3, ::3].copy(), photos["coffee"][1::3, ::3].copy()]   # not cached yet
+    replies = []
+    for pic in pictures:
+        if replies:                                                                     # tags again, no box
+            monkeypatch.setattr(tagger, "thresholds", np.zeros_like(tagger.thresholds))
+            monkeypatch.setattr(detector, "spec", dict(detector.spec, box_threshold=1.0))
+        reply = session.chat().send("What is in the picture?", images=[pic], max_tokens=3, temperature=0)
+        assert "".join(reply) == reply.text and reply.finish_reason in ("stop", "length")
+        assert reply.grounding == [] and "error" not in reply.grounding_facts
+        replies.append(reply.grounding_facts)
+    (no_tags, no_boxes) = replies
+    assert no_tags["tags"] == [] and no_tags["labels"] == [] and no_tags["matcher"] == "none"
+    assert no_boxes["tags"] and no_boxes["labels"] == [] and no_boxes["matcher"] == "none"
+
+
+def test_pictures_are_grounded_once(session, photos, monkeypatch):
+    """Tags, boxes and masks are computed once per picture (by content): the same pixels sent
+    again, in another turn or another chat, reuse them; follow-up turns point into them."""
+    calls = []
+    real = session.grounder.ground
+    monkeypatch.setattr(session.grounder, "ground", lambda rgb: calls.append(rgb.shape) or real(rgb))
+    pic = photos["astronaut"][1::2, 1::2].copy()                    # not cached yet
+    chat = session.chat()
+    replies = [chat.send("What is it?", images=[pic], max_tokens=2, temperature=0).result(),
+               chat.send("And this?", images=[pic.copy()], max_tokens=2, temperature=0).result(),
+               chat.send("More?", max_tokens=2, temperature=0).result(),
+               session.chat().send("Here?", images=[pic], max_tokens=2, temperature=0).result()]
+    labels = [r.grounding_facts["labels"] for r in replies]
+    assert len(calls) == 1 and labels[0] and all(lab == labels[0] for lab in labels)
+    session.chat().send("Mirrored?", images=[pic[:, ::-1].copy()], max_tokens=2, temperature=0).result().grounding
+    assert len(calls) == 2
+
+
+def test_pictures_waiting_for_the_worker_are_bounded(session, monkeypatch):
+    """Over PICTURES_CACHED pictures queued behind a busy worker: the oldest waiting one is
+    cancelled and its pixels are let go at once (a 50 MP picture is 150 MB); a chat that
+    pointed at it gets no entities and says why."""
+    import threading
+    import weakref
+
+    from scops.runtime import grounding_pipeline as gp
+
+    gate, started = threading.Event(), threading.Event()
+
+    def blocked(rgb):
+        started.set()
+        gate.wait(timeout=600)
+        return gp.PictureGrounding(rgb.shape[:2], [], [], [])
+    monkeypatch.setattr(gp, "PICTURES_CACHED", 2)
+    monkeypatch.setattr(session.grounder, "ground", blocked)
+    pictures = [np.full((64, 48, 3), i, np.uint8) for i in range(5)]
+    alive = [weakref.ref(p) for p in pictures]
+    futures = {0: session.grounder.submit("test-queue-0", pictures[0])}
+    try:
+        assert started.wait(timeout=600)                         # the worker is busy with picture 0
+        reply = session.chat().send("What is it?", images=[pictures[1]], max_tokens=2, temperature=0).result()
+        futures[1] = reply.picture                               # queued behind 0
+        futures.update({i: session.grounder.submit(f"test-queue-{i}", pictures[i]) for i in (2, 3, 4)})
+        del pictures
+        # two kept: picture 3 pushed the chat's picture out, picture 4 pushed 2 out
+        assert futures[1].cancelled() and futures[2].cancelled() and alive[2]() is None
+        assert not any(futures[i].cancelled() for i in (0, 3, 4)) and alive[3]() is not None
+        assert session.grounder.future("test-queue-2") is None
+        assert reply.grounding == [] and "skipped" in reply.grounding_facts["error"]
+    finally:
+        gate.set()
+    assert [futures[i].result(timeout=60).size for i in (0, 3, 4)] == [(64, 48)] * 3
+
+
+def test_huge_picture_memory_does_not_grow_with_detections(session, photos, monkeypatch):
+    """A 12 MP picture: one mask is made at a time (upsampled in stripes, RLE-encoded, let go),
+    so the peak of numpy's allocations (tracemalloc) stays under ~12 bytes a pixel and does
+    not grow with the number of detections."""
+    import tracemalloc
+
+    from PIL import Image
+
+    from scops.runtime import grounding_pipeline as gp
+
+    big = np.asarray(Image.fromarray(photos["astronaut"]).resize((4000, 3000), Image.BILINEAR))
+    pixels = big.shape[0] * big.shape[1]
+    session.grounder.stages()                                   # graphs loaded before measuring
+    peaks = {}
+    for cap in (1, 6):
+        monkeypatch.setattr(gp, "MAX_DETECTIONS", cap)
+        tracemalloc.start()
+        try:
+            g = session.grounder.ground(big)
+            peaks[cap] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert len(g.masks) == len(g.detections) == cap and g.masks[0]["size"] == [3000, 4000]
+    assert peaks[6] < 12 * pixels and peaks[6] < peaks[1] + 2 * pixels, peaks
+
+
 def test_chat_reply_carries_grounding_and_keeps_its_kv(session, grounding_bundle, photos):
     """The matcher's LLM run (its own llama.cpp context) leaves the chat's cache as it was:
     the follow-up turn decodes the same tokens as a session that never grounded."""

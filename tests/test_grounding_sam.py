@@ -155,13 +155,13 @@ def test_hole_filling_follows_remove_small_regions():
 ])
 def test_tapped_upsampling_equals_the_dense_reference(n_low, size, resized, original):
     """upsample_mask (taps, stripes) against upsample_logits (dense matrices, the plain twin):
-    the taps are exactly the dense weights, and the masks agree wherever float rounding of
-    the sum cannot flip the sign."""
+    the taps are the dense weights (to float rounding), and the masks agree wherever rounding
+    of the sum cannot flip the sign."""
     for n_out, kept in zip(original, resized):
         index, weight = seg._axis_taps(n_low, size, kept, n_out)
         dense = np.zeros((n_out, n_low), np.float32)
         np.add.at(dense, (np.arange(n_out)[:, None], index), weight)
-        assert np.array_equal(dense, seg._axis_map(n_low, size, kept, n_out)) and index.shape[1] <= 3
+        assert np.abs(dense - seg._axis_map(n_low, size, kept, n_out)).max() < 1e-6 and index.shape[1] == 3
     rng = np.random.default_rng(n_low + original[0])
     yy, xx = np.mgrid[:n_low, :n_low]
     low = (n_low / 4 - np.hypot(yy - n_low / 2, xx - n_low / 3)) + rng.standard_normal((n_low, n_low)) * 3
