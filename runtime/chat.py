@@ -201,6 +201,9 @@ class Conversation:
                 answer = history_answer(self.session.bundle.template, job.text, generated, self.session.llm.piece)
                 self.messages += [user, Message("assistant", answer)]
             job.grounding = self.ground(job.text)
+            if self.picture is not None:       # BuboGPT: regions point at the chat's latest picture
+                pictures = [i for i, m in enumerate(self.media()) if m["modality"] == "image"]
+                job.picture_at = pictures[-1] if pictures else 0
         # e.g. Emu's min_length=1: EOS is banned until this many tokens are out
         min_new = 0 if opts.ignore_stop else int(self.session.bundle.template.get("min_new_tokens", 0))
         job = Job(self.session.llm, cells, opts, stops, _fill_from(self.session, self._media),
@@ -340,7 +343,7 @@ class Reply:
                 log.warning("grounding failed: %s", e)
                 self._grounding = ([], {"error": f"{type(e).__name__}: {e}"})
                 return self._grounding
-            self._grounding = grounder.entities(picture, self.text)
+            self._grounding = grounder.entities(picture, self.text, self._job.picture_at)
         return self._grounding
 
     finish_reason = property(lambda self: self._job.finish_reason)

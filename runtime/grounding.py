@@ -70,7 +70,8 @@ class Entity:
 
     def to_json(self) -> dict:
         out = {"phrase": self.phrase, "span": list(self.span), "regions": [r.to_json() for r in self.regions],
-               "color": self.color, "rgb": "#%02x%02x%02x" % DARKER[self.color]}
+               "color": self.color, "rgb": "#%02x%02x%02x" % DARKER[self.color],
+               "rgb_light": "#%02x%02x%02x" % LIGHTER[self.color]}
         if self.tag is not None:
             out["tag"] = self.tag
         if self.extra:
@@ -80,6 +81,15 @@ class Entity:
 
 def grounding_json(entities) -> list[dict]:
     return [e.to_json() for e in entities]
+
+
+MEDIA_FACTS = ("modality", "width", "height", "duration")
+
+
+def describe_media(conv) -> list[dict]:
+    """What a Region's `media` index points at: the conversation's inputs in prompt order,
+    with the facts a client needs to place regions (size in pixels, duration in seconds)."""
+    return [{k: m[k] for k in MEDIA_FACTS if k in m} for m in conv.media()]
 
 
 def rle_encode(mask: np.ndarray) -> dict:

@@ -87,6 +87,7 @@ def llm_in_ram(opts) -> bool:
 def estimate(bundle, opts, kv_type: str) -> dict:
     """Bytes the session will hold at its peak (an image turn), by part; kv_type as resolved."""
     from .encode import stage_file
+    from .session import media_batch
 
     shape = llm_shape(bundle.llm_path)
     n_ctx = min(opts.n_ctx_start, opts.n_ctx) if opts.n_ctx_start > 0 else opts.n_ctx
@@ -98,7 +99,7 @@ def estimate(bundle, opts, kv_type: str) -> dict:
         "llm": bundle.llm_path.stat().st_size if in_ram else 0,
         "kv": kv_bytes(shape, n_ctx, kv_type) if in_ram else 0,
         "encoders": int(enc * (1 + ARENA_FRACTION[bool(opts.onnx_arena)])),
-        "runtime": RUNTIME_BASE + COMPUTE_PER_BATCH_ROW * opts.n_batch,
+        "runtime": RUNTIME_BASE + COMPUTE_PER_BATCH_ROW * media_batch(opts.n_batch, bundle.manifest),
     }
     parts["total"] = sum(parts.values())
     return parts

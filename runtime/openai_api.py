@@ -148,6 +148,8 @@ class ScopsInfo(BaseModel):
 
 
 class AnswerMessage(BaseModel):
+    # extra: `grounding` (grounding families only): what the answer points at, grounding_json's list
+    model_config = ConfigDict(extra="allow")
     role: Literal["assistant"] = "assistant"
     content: str
 
@@ -172,6 +174,7 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    grounding: list[dict] | None = None          # the finish chunk of a grounding family (set only there)
 
 
 class ChunkChoice(BaseModel):
@@ -364,9 +367,10 @@ def make_completion_id() -> str:
 
 
 def build_completion(cid: str, model: str, text: str, finish_reason: str, usage: Usage,
-                     info: ScopsInfo) -> ChatCompletion:
+                     info: ScopsInfo, grounding: list | None = None) -> ChatCompletion:
+    extra = {} if grounding is None else {"grounding": grounding}
     return ChatCompletion(id=cid, created=int(time.time()), model=model, usage=usage, scops=info,
-                          choices=[Choice(message=AnswerMessage(content=text), finish_reason=finish_reason)])
+                          choices=[Choice(message=AnswerMessage(content=text, **extra), finish_reason=finish_reason)])
 
 
 def build_chunk(cid: str, model: str, delta: Delta | None, finish_reason: str | None = None,

@@ -35,6 +35,7 @@ from .engine import Engine
 from .images_api import ImageLimits
 from .server_images import DEFAULT_MAX_IMAGE_SIDE, DEFAULT_MAX_IMAGE_STEPS, ImageRoute
 from .errors import OptionError
+from .grounding import describe_media, grounding_json
 from .http_guard import DRAIN_MAX_BYTES, error_response, guard, guarded_protocol
 from .openai_api import (ApiError, ChatRequest, Delta, Limits, ModelCard, ModelList, ScopsInfo, Usage, build_chunk,
                          build_completion, make_completion_id, parse_chat_request)
@@ -197,9 +198,10 @@ class Server:
             if reply.error is not None:
                 raise reply.error
             outcome = "cancelled" if reply.finish_reason == "cancelled" else "served"
-            usage, info = summarize(reply)
+            grounding, extra = await self.ground(reply)
+            usage, info = summarize(reply, extra)
             request.state.note = describe(reply)
-            body = build_completion(cid, model, reply.text, reply.finish_reason, usage, info)
+            body = build_completion(cid, model, reply.text, reply.finish_reason, usage, info, grounding)
             return Response(body.model_dump_json(), media_type="application/json")
         except ApiError:
             outcome = "invalid"
@@ -223,11 +225,27 @@ class Server:
             log.error("generation failed: %s: %s", type(reply.error).__name__, reply.error)
             yield json.dumps(ApiError(500, "internal error", type="server_error", code="internal_error").body())
             return
-        usage, info = summarize(reply)
-        yield build_chunk(cid, model, Delta(), reply.finish_reason, usage, info)
+        grounding, extra = await self.ground(reply)
+        usage, info = summarize(reply, extra)
+        delta = Delta() if grounding is None else Delta(grounding=grounding)
+        yield build_chunk(cid, model, delta, reply.finish_reason, usage, info)
         if req.include_usage:
             yield build_chunk(cid, model, None, usage=usage)
         yield "[DONE]"
+
+    async def ground(self, reply) -> tuple[list | None, dict]:
+        """A grounding family's answer -> (its entities as JSON, scops extras: the chat's media in
+        prompt order and BuboGPT's grounding facts); (None, {}) for other families. BuboGPT's may
+        wait for its picture's stages and run the matcher: in a worker thread, off the loop."""
+        if not self.session.bundle.manifest.get("grounding") or reply.finish_reason == "cancelled":
+            return None, {}
+
+        def work():
+            extra = {"media": describe_media(reply.conv)}
+            if self.session.grounder is not None:
+                extra["grounding"] = reply.grounding_facts
+            return grounding_json(reply.grounding), extra
+        return await anyio.to_thread.run_sync(work)
 
     def finish(self, request: Request, reply):
         def done() -> None:              # the stream ended: finished, client gone, or too slow a reader
@@ -308,7 +326,7 @@ async def wait_unless_gone(request: Request, reply, ready: asyncio.Event) -> boo
         watcher.cancel()
 
 
-def summarize(reply) -> tuple[Usage, ScopsInfo]:
+def summarize(reply, extra: dict | None = None) -> tuple[Usage, ScopsInfo]:
     t = reply.timings
     timings = {k: round(t[k], 2) for k in ("preprocess_ms", "encode_ms", "queue_ms", "prefill_ms", "ttft_ms",
                                              "decode_tok_s") if k in t}
@@ -316,7 +334,7 @@ def summarize(reply) -> tuple[Usage, ScopsInfo]:
     usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
     return usage, ScopsInfo(timings=timings, reused_cells=t.get("reused_cells", 0),
                             decoded_cells=t.get("decoded_cells", 0), snapshot_restored=reply.snapshot_restored,
-                            dropped_turns=reply.dropped_turns)
+                            dropped_turns=reply.dropped_turns, **(extra or {}))
 
 
 def describe(reply) -> str:

@@ -113,6 +113,13 @@ class Stats:
     media_cache_hits: int = 0
 
 
+def media_batch(n_batch: int, manifest: dict) -> int:
+    """llama.cpp's batch size: at least n_batch and at least the rows of the largest media
+    item, so that one picture is one llama_decode (LEGO's 576 rows at n_batch 512 were 512 + 64:
+    measured in README "LEGO's image turn")."""
+    return max([n_batch] + [int(m.get("rows", 0)) for m in manifest.get("modalities", {}).values()])
+
+
 def resolve_kv(opts: SessionOptions, quant: str) -> tuple[str, str]:
     """(kv_type, flash_attn) for llama.cpp: exact by default where the user asked for exact."""
     if opts.kv_type not in ("auto", "f16", "f32", "q8_0"):
@@ -198,7 +205,7 @@ class Session:
             layers = -1 if have_gpu and llama_cpp.llama_supports_gpu_offload() else 0
         if layers != 0:
             gpu.preload_cuda_libraries()
-        args = (o.n_ctx, o.n_batch, o.threads)
+        args = (o.n_ctx, media_batch(o.n_batch, self.bundle.manifest), o.threads)
         kv_type, flash_attn = resolve_kv(o, self.bundle.manifest["llm"]["quant"])
         try:
             llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, layers, kv_type, flash_attn, o.n_ctx_start, o.parallel))

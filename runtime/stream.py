@@ -33,6 +33,7 @@ class Job:
         self.finish_reason: str | None = None
         self.eog: int | None = None          # the end-of-generation token that ended it, if one did
         self.grounding: list = []            # set by the conversation when the job ends
+        self.picture_at = 0                  # BuboGPT: the grounded picture's index in Conversation.media()
         self.error: BaseException | None = None
         self.pieces: deque = deque()
         self.finished = False

@@ -102,3 +102,17 @@ def grounding_bundle(grounding_ckpt, tmp_path_factory):
     src = build_bubogpt_tiny(tmp_path_factory.mktemp("bubo-g") / "bubogpt-tiny")
     return export_bubogpt(str(src), tmp_path_factory.mktemp("bubo-gb") / "b", "F32", log=lambda s: None,
                           grounding=str(grounding_ckpt))
+
+
+@pytest.fixture(scope="session")
+def lego_release(tmp_path_factory):
+    """The tiny LEGO release in the original layout (GroundingGPT/ + encoder files beside)."""
+    from scops.export.fixtures_lego import build_lego_tiny
+    return build_lego_tiny(tmp_path_factory.mktemp("lego") / "lego-tiny")
+
+
+@pytest.fixture(scope="session")
+def lego_bundle(lego_release, tmp_path_factory):
+    """The tiny LEGO release exported with an F32 LLM."""
+    from scops.export.lego import export_lego
+    return export_lego(str(lego_release), tmp_path_factory.mktemp("legob") / "b", "F32", log=lambda s: None)

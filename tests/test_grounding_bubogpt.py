@@ -328,3 +328,27 @@ def test_manifest_without_a_grounding_file_is_refused(grounding_bundle, tmp_path
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="grounding"):
         open_bundle(b, verify=False)
+
+
+def test_regions_point_at_the_chats_latest_picture(session, photos, monkeypatch):
+    """A clip in the first turn, the picture in the next: the entities' regions index the
+    picture in Conversation.media() (1), not the chat's first input."""
+    import io
+    import wave
+
+    from grounding_helpers import plant_bubo
+
+    plant_bubo(monkeypatch)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(bytes(2 * 16000))
+    chat = session.chat()
+    chat.add("user", "What is this sound?", audios=[buf.getvalue()])
+    chat.add("assistant", "A hum.")
+    reply = chat.send("And in this picture?", images=[photos["cat"]], max_tokens=8, temperature=0,
+                      ignore_stop=True).result()
+    assert [m["modality"] for m in chat.media()] == ["audio", "image"]
+    assert reply.grounding and all(r.media == 1 for e in reply.grounding for r in e.regions)

@@ -33,5 +33,6 @@ def test_entity_json():
                tag="dog", color=color_of(1))
     (j,) = grounding_json([e])
     assert j == {"phrase": "a dog", "span": [4, 9], "tag": "dog", "color": "pink", "rgb": "#ec407a",
+                 "rgb_light": "#f8bbd0",
                  "regions": [{"media": 0, "box": [1.23, 2.0, 3.0, 4.0], "score": 0.5123},
                              {"media": 0, "time": [0.5, 1.25]}]}

@@ -21,15 +21,13 @@ Q = "Where is the cat? Describe it."
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    from scops.export.fixtures_lego import build_lego_tiny
-    return build_lego_tiny(tmp_path_factory.mktemp("lego") / "lego-tiny")
+def release(lego_release):
+    return lego_release
 
 
 @pytest.fixture(scope="module")
-def bundle(release, tmp_path_factory):
-    from scops.export.lego import export_lego
-    return export_lego(str(release), tmp_path_factory.mktemp("legob") / "b", "F32", log=lambda s: None)
+def bundle(lego_bundle):
+    return lego_bundle
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +110,7 @@ def test_manifest(session):
                                              "<so_end>"}
     for name, v in m["validation"].items():
         assert v["max_abs_diff"] <= ATOL and v["batch"] > 1, name
+    assert session.llm.n_batch == 576              # a picture's rows are one llama_decode, not 512 + 64
 
 
 def test_tokenization_is_the_fast_tokenizer_of_the_original(release, ref):
