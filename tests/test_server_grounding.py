@@ -120,7 +120,7 @@ def test_bubogpt_boxes_and_masks_in_the_message_and_the_last_chunk(grounding_bun
     facts = info["grounding"]
     assert facts["tags"] and facts["labels"] and facts["matcher"] == "planted"
     (entity,) = message["grounding"]
-    assert entity["tag"] == facts["labels"][0] and entity["phrase"] == message["content"][slice(*entity["span"])]
+    assert entity["tag"] in facts["labels"] and entity["phrase"] == message["content"][slice(*entity["span"])]
     assert entity["regions"] and all(r["media"] == 1 for r in entity["regions"])
     for r in entity["regions"]:
         x0, y0, x1, y1 = r["box"]
