@@ -138,7 +138,8 @@ def decode_data_url(url: str) -> bytes:
 def build_images_response(png: bytes, seed: int, options: dict, timings: dict, safety_checked: bool) -> ImagesResponse:
     info = ImageInfo(seed=seed, steps=int(options["steps"]), guidance=float(options["guidance"]),
                      size=f"{options['width']}x{options['height']}", safety_checked=safety_checked,
-                     timings={k: round(float(v), 2) for k, v in timings.items()})
+                     # 4 significant digits: a tiny model's s_per_step (< 5 ms) must not round to 0
+                     timings={k: float(f"{float(v):.4g}") for k, v in timings.items()})
     return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=base64.b64encode(png).decode())],
                           scops=info)
 
