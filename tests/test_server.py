@@ -78,7 +78,7 @@ def post(server, body, headers=None, method="POST", path="/v1/chat/completions")
     r = conn.getresponse()
     data = r.read()
     conn.close()
-    return r.status, json.loads(data)
+    return r.status, json.loads(data) if data else None
 
 
 def test_answer_and_stream_with_an_image(server, photos):

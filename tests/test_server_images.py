@@ -5,15 +5,15 @@ and the server goes on serving; a chat-only Emu-I bundle refuses with a clear er
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.client
 import io
 import json
 
 import numpy as np
-import pytest
-
 import openai
+import pytest
+from test_server import post as post_raw
+from test_server import running
 
 WAIT_S = 120
 
@@ -34,16 +34,6 @@ def decode_png(b64: str) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
-@contextlib.contextmanager
-def running(session, **options):
-    from scops.runtime.server import Server, ServerOptions
-    server = Server(session, ServerOptions(port=0, **options)).start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 @pytest.fixture(scope="module")
 def gen(emu_bundles):
     from scops.runtime.session import Session
@@ -59,14 +49,8 @@ def server(gen):
 
 
 def post(server, body, path="/v1/images/generations"):
-    """Raw HTTP: (status, parsed JSON body)."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT_S)
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    return r.status, json.loads(data) if data else None
+    """Raw HTTP: (status, parsed JSON body), to the images route by default."""
+    return post_raw(server, body, path=path)
 
 
 def get(server, path):
