@@ -59,8 +59,12 @@ def render(result: dict) -> str:
     names = list(runs)
     lines = [f"# scops bench --memory: {result['shape']}", "", f"Command: `{result['command']}`", "",
              f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
-             f"{result['machine']['ram_gib']} GiB RAM", "",
-             "| profile | peak RSS GiB | peak GB | ≤ 6 GB | RSS at end GiB (anon / file) | TTFT first ms "
+             f"{result['machine']['ram_gib']} GiB RAM", ""]
+    if result.get("llm"):
+        llm = result["llm"]
+        lines += [f"LLM: `{llm['file']}`, {llm['bytes'] / GIB:.2f} GiB ({llm['bytes'] / 1e9:.2f} GB), tensors "
+                  + ", ".join(f"{n} {k}" for k, n in sorted(llm["types"].items())) + f"; {llm['how']}.", ""]
+    lines += ["| profile | peak RSS GiB | peak GB | ≤ 6 GB | RSS at end GiB (anon / file) | TTFT first ms "
              "| TTFT later p50 ms | TTFT after idle drop ms | decode tok/s | estimate at open GiB |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for n in names:
@@ -121,13 +125,30 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def describe_llm(bundle: Path, direct: bool) -> dict:
+    """The bundle's GGUF: file, bytes, tensors per ggml type, and how its random weights were made."""
+    from scops.export.llm_gguf import list_gguf_tensors
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    path = bundle / manifest["llm"]["file"]
+    types: dict = {}
+    for _, kind, _ in list_gguf_tensors(path):
+        types[kind] = types.get(kind, 0) + 1
+    how = ("random Q4_K_M blocks written directly in llama.cpp's Q4_K_M types (bench/random_gguf.py)" if direct
+           else "random fp16 checkpoint -> f16 GGUF -> llama.cpp quantizer")
+    return {"file": manifest["llm"]["file"], "bytes": path.stat().st_size, "types": types, "how": how,
+            "encoders": manifest.get("encoder_precision", {})}
+
+
 def run_memory_bench(o, log: Log, command: str) -> str:
     """o: BenchOptions (resolved); returns the markdown written to o.out / memory.md."""
     from .shapes import SHAPES, ensure_bundle
 
-    _, bundle = ensure_bundle(SHAPES[o.shape], o.encoder_precision, log)
+    shape = SHAPES[o.shape]
+    _, bundle = ensure_bundle(shape, o.encoder_precision, log, direct_llm=shape.direct_llm)
     machine = describe_machine()
     result = {"shape": o.shape, "command": command, "machine": machine, "bundle": str(bundle),
+              "llm": describe_llm(bundle, shape.direct_llm),
               "profiles": {p: run_profile(p, bundle, o, log) for p in PROFILES}}
     o.out.mkdir(parents=True, exist_ok=True)
     md = render(result)

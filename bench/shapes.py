@@ -45,6 +45,10 @@ class BenchShape:
     reps: int                    # default timed repetitions (after one warm-up)
     tokens: int                  # default decode length (EOS ignored)
     hf_fits: bool = True         # HF fp32 of this shape fits a 24 GB machine
+    # The memory benchmark writes this shape's LLM GGUF directly in Q4_K_M types with random
+    # blocks (bench/random_gguf.py) instead of checkpoint -> f16 GGUF -> llama.cpp quantize:
+    # LLaMA-7B's way there took ~50 min and ~39 GB of disk on the 2-core machine.
+    direct_llm: bool = False
 
 
 SHAPES = {
@@ -57,7 +61,7 @@ SHAPES = {
     # HF fp32 needs 7e9 x 4 B = 28 GB plus the ViT: it cannot run on a 24 GB machine.
     "minigpt4-7b": BenchShape("minigpt4-7b", TinyShape(
         **_EVA_QFORMER, llm_width=4096, llm_layers=32, llm_heads=32, llm_kv_heads=32, llm_ffn=11008,
-        llm_ctx=2048, vocab=32000), reps=3, tokens=32, hf_fits=False),
+        llm_ctx=2048, vocab=32000), reps=3, tokens=32, hf_fits=False, direct_llm=True),
 }
 
 
@@ -136,8 +140,9 @@ def draw_tensor(rng, shape: tuple[int, ...], scale: float) -> np.ndarray:
     return x.astype(np.float16)
 
 
-def write_checkpoint(shape: TinyShape, out: Path, log: Log) -> Path:
-    """Random Blip2ForConditionalGeneration folder at `shape`, sharded safetensors (fp16)."""
+def write_checkpoint(shape: TinyShape, out: Path, log: Log, llm: bool = True) -> Path:
+    """Random Blip2ForConditionalGeneration folder at `shape`, sharded safetensors (fp16);
+    llm=False leaves the LLaMA weights out (config, tokenizer and encoders only)."""
     from safetensors.torch import save_file as save_torch
     from safetensors.numpy import save_file as save_numpy
 
@@ -160,7 +165,7 @@ def write_checkpoint(shape: TinyShape, out: Path, log: Log) -> Path:
         del enc
         log(f"  encoders written ({total / 2**30:.2f} GiB fp16, {time.perf_counter() - t0:.0f}s)")
         rng = np.random.default_rng(shape.seed + 1)
-        plan = plan_llama(shape)
+        plan = plan_llama(shape) if llm else []
         shard, size, n_shard = {}, 0, 0
         for i, (name, shp, scale) in enumerate(plan):
             shard[name] = draw_tensor(rng, shp, scale)
@@ -187,10 +192,15 @@ def write_checkpoint(shape: TinyShape, out: Path, log: Log) -> Path:
     return out
 
 
-def ensure_bundle(shape: BenchShape, precision: str, log: Log, quant: str = "Q4_K_M") -> tuple[Path, Path]:
-    """(checkpoint, bundle) of `shape`, built on first use; `precision` is the encoders' precision."""
+def ensure_bundle(shape: BenchShape, precision: str, log: Log, quant: str = "Q4_K_M",
+                  direct_llm: bool = False) -> tuple[Path | None, Path]:
+    """(checkpoint, bundle) of `shape`, built on first use; `precision` is the encoders' precision.
+    direct_llm: the LLM GGUF is written straight in Q4_K_M with random blocks and no checkpoint
+    is kept (checkpoint None): ensure_direct_bundle."""
     from scops.export.minigpt4 import export_minigpt4
 
+    if direct_llm:
+        return None, ensure_direct_bundle(shape, precision, log, quant)
     root = cache_root() / shape.name
     ckpt = root / "checkpoint"
     if not (ckpt / "model.safetensors.index.json").exists():
@@ -201,3 +211,43 @@ def ensure_bundle(shape: BenchShape, precision: str, log: Log, quant: str = "Q4_
         log(f"exporting the {shape.name} bundle ({quant}, encoders {precision}) to {bundle}")
         export_minigpt4(str(ckpt), bundle, quant, log=lambda s: log("  " + s), encoder_precision=precision)
     return ckpt, bundle
+
+
+def ensure_direct_bundle(shape: BenchShape, precision: str, log: Log, quant: str = "Q4_K_M") -> Path:
+    """The bundle of `shape` with its LLM written by bench/random_gguf.py (random Q4_K_M blocks,
+    llama.cpp's Q4_K_M types) and its encoders exported as usual from a random checkpoint that
+    holds only them (fp16, deleted once the bundle is built). Cached as
+    <cache>/<shape>/bundle-Q4_K_M-direct-<precision>; the 7B one is ~9.4 GB with fp32,int8
+    encoders (ViT-g fp32 4.0 GB, int8 variants 1.1 GB, GGUF 3.9 GB)."""
+    from scops.export.llm_gguf import load_text_config
+    from scops.export.minigpt4 import export_hf_blip2
+
+    from .random_gguf import write_random_q4_k_m
+
+    if quant != "Q4_K_M":
+        raise ValueError(f"a directly written LLM is Q4_K_M only, not {quant}")
+    root = cache_root() / shape.name
+    bundle = root / f"bundle-{quant}-direct-{precision.replace(',', '+')}"
+    if (bundle / "manifest.json").exists():
+        return bundle
+    enc = root / "encoders-checkpoint"          # an intermediate: kept only until the bundle exists
+    if not (enc / "model.safetensors.index.json").exists():
+        log(f"building the {shape.name} encoder checkpoint (random weights, no LLM weights) in {enc}")
+        write_checkpoint(shape.model, enc, log, llm=False)
+    cfg = load_text_config(enc, None)
+    last = [0.0]
+
+    def random_q4_k_m_llm(path: Path, log: Log) -> dict:
+        def progress(i, n, name):
+            if i + 1 == n or time.perf_counter() - last[0] > 5.0:
+                last[0] = time.perf_counter()
+                log(f"  random {quant} tensor {i + 1}/{n} {name}")
+        return write_random_q4_k_m(cfg, enc / "tokenizer.model", path, seed=shape.model.seed + 1,
+                                   name=f"scops-bench-{shape.name}-random", progress=progress)
+
+    log(f"exporting the {shape.name} bundle (encoders {precision}; LLM: random {quant} blocks) to {bundle}")
+    export_hf_blip2(str(enc), bundle, quant, log=lambda s: log("  " + s), encoder_precision=precision,
+                    llm_writer=random_q4_k_m_llm)
+    shutil.rmtree(enc)
+    log(f"deleted the encoder checkpoint {enc}")
+    return bundle

@@ -47,6 +47,9 @@ class FamilyExport:
     # (builder, log) -> (manifest entries, validation records): stages beside the chat, e.g.
     # BuboGPT's grounding graphs under the manifest's "grounding" key
     extras: Callable | None = None
+    # (gguf path, log) -> facts: writes the bundle's LLM GGUF itself, in place of the checkpoint
+    # -> GGUF -> quantize steps (the benchmarks' random Q4_K_M LLaMA-7B: bench/random_gguf.py)
+    llm_writer: Callable | None = None
 
     def projector_files(self) -> tuple:
         return self.projectors or ((self.projection_prefix, "projector.safetensors"),)
@@ -89,7 +92,7 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
         raise ExportError(f"{llm_dir}: tokenizer.model (sentencepiece) not found")
     template = resolve_special(fam.template, llm_dir, tok_model)
     t_start = time.perf_counter()
-    quantized = quant not in ("F32", "F16")
+    quantized = quant not in ("F32", "F16") and fam.llm_writer is None
     n_steps = len(fam.stages) + 3 + quantized + len(fam.extra_steps) + (fam.extras is not None)
     step = iter(range(1, n_steps + 1))
     validation = {}
@@ -127,11 +130,16 @@ def assemble_bundle(fam: FamilyExport, src_dir: Path, out: Path, quant: str,
         # does): half the disk and I/O of f32 (7B: 13.5 instead of 27 GB), exact for the fp16
         # checkpoints these families publish; F32 bundles (exact parity) stay f32 throughout.
         dtype = "f32" if quant == "F32" else "f16"
-        log(f"[{next(step)}/{n_steps}] LLM: GGUF ({dtype}) from {llm_dir.name}")
-        facts = write_llama_gguf(llm_dir, tok_model, b.dir / src_name, dtype=dtype, prefix=fam.llm_prefix,
-                                 config=fam.text_config, progress=_tensor_progress(log),
-                                 name=f"scops-{fam.family}", adjust=fam.llm_adjust, tensors=fam.llm_tensors,
-                                 added_tokens=fam.added_tokens)
+        if fam.llm_writer is not None:
+            log(f"[{next(step)}/{n_steps}] LLM: {quant} GGUF written directly "
+                f"({getattr(fam.llm_writer, '__name__', 'llm_writer')})")
+            facts = fam.llm_writer(b.dir / src_name, log)
+        else:
+            log(f"[{next(step)}/{n_steps}] LLM: GGUF ({dtype}) from {llm_dir.name}")
+            facts = write_llama_gguf(llm_dir, tok_model, b.dir / src_name, dtype=dtype, prefix=fam.llm_prefix,
+                                     config=fam.text_config, progress=_tensor_progress(log),
+                                     name=f"scops-{fam.family}", adjust=fam.llm_adjust, tensors=fam.llm_tensors,
+                                     added_tokens=fam.added_tokens)
         llm_file = src_name
         if quantized:
             llm_file = f"llm.{quant}.gguf"

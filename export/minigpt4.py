@@ -125,7 +125,9 @@ def export_release(src_dir: Path, out: Path, quant: str, log, encoder_precision:
 
 
 def export_hf_blip2(src: str, out: Path, quant: str = "Q4_K_M", log: Callable[[str], None] = print,
-                    encoder_precision: str = "fp32") -> Path:
+                    encoder_precision: str = "fp32", llm_writer: Callable | None = None) -> Path:
+    """`llm_writer(gguf path, log) -> facts` writes the LLM GGUF in place of converting the
+    folder's text model (the benchmarks' random Q4_K_M LLaMA-7B, bench/random_gguf.py)."""
     from transformers import Blip2Config
 
     from scops.runtime.templates import MINIGPT4
@@ -145,5 +147,6 @@ def export_hf_blip2(src: str, out: Path, quant: str = "Q4_K_M", log: Callable[[s
         modalities={"image": {"preprocess": BLIP2_IMAGE, "rows": config.num_query_tokens,
                               "stages": image_stages() + [projector_record(qc.hidden_size,
                                                                            text_cfg["hidden_size"])]}},
+        llm_writer=llm_writer,
     )
     return assemble_bundle(fam, src_dir, out, quant, log, encoder_precision)
