@@ -17,6 +17,7 @@ from .run import describe_machine, run_worker
 Log = Callable[[str], None]
 PART_LABELS = {
     "gguf_mapped_resident": "GGUF mapped, resident",
+    "llm_weights_anon": "LLM weights in anonymous memory (llama.cpp's repacked copy)",
     "kv_cache": "KV cache",
     "onnx_sessions": "ONNX sessions (built)",
     "onnx_arena_peak": "ONNX arena (peak of a run)",
@@ -84,7 +85,7 @@ def render(result: dict) -> str:
     lines += ["", "Resident memory by part (GiB):", "",
               "| part | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for key, label in PART_LABELS.items():
-        lines.append(f"| {label} | " + " | ".join(_g(runs[n]["parts"][key]) for n in names) + " |")
+        lines.append(f"| {label} | " + " | ".join(_g(runs[n]["parts"].get(key)) for n in names) + " |")
     lines.append("| KV cache type, positions at the end (of at most) | " + " | ".join(
         f"{runs[n]['kv_type']}, {runs[n]['n_ctx_final']} ({runs[n]['n_ctx_max']})" for n in names) + " |")
     for n in names:
@@ -103,13 +104,13 @@ def plot(result: dict, path: Path) -> None:
 
     runs = result["profiles"]
     names = list(runs)
-    keys = ("gguf_mapped_resident", "kv_cache", "onnx_sessions", "onnx_arena_peak", "media_cache")
-    colors = ("#3182bd", "#e6550d", "#31a354", "#a1d99b", "#fdae6b")
+    keys = ("gguf_mapped_resident", "llm_weights_anon", "kv_cache", "onnx_sessions", "onnx_arena_peak", "media_cache")
+    colors = ("#3182bd", "#9ecae1", "#e6550d", "#31a354", "#a1d99b", "#fdae6b")
     fig, ax = plt.subplots(figsize=(8, 3.2))
     for i, n in enumerate(names):
         left = 0.0
         for k, c in zip(keys, colors):
-            v = runs[n]["parts"][k] / GIB
+            v = runs[n]["parts"].get(k, 0) / GIB
             ax.barh(i, v, left=left, color=c, label=PART_LABELS[k] if i == 0 else None)
             left += v
         other = max(runs[n]["peak_rss"] / GIB - left, 0.0)

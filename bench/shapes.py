@@ -7,6 +7,14 @@ each appearing atomically (built in a temp dir beside it, then renamed). The enc
 and the projection are drawn as whole modules (EVA-ViT-g is ~1.0 B params, 4 GB fp32);
 the LLaMA weights are drawn and written one shard at a time, so a 7B text model never
 sits in RAM (peak: one shard, SHARD_BYTES).
+
+    ensure_bundle(SHAPES["minigpt4-7b"], "fp32,int8", log, direct_llm=True) -> (None, bundle)
+
+is what `scops bench --memory` uses for shapes marked `direct_llm` (minigpt4-7b): no LLaMA
+weights are drawn; bench/random_gguf.py writes the GGUF's Q4_K / Q6_K blocks directly with
+random bytes, in llama.cpp's Q4_K_M types and file order (~1 min instead of ~50, no 14.6 GB
+checkpoint, no 13.5 GB f16 intermediate). The encoders are drawn and exported as above from
+a checkpoint holding only them, deleted once the bundle exists.
 """
 from __future__ import annotations
 

@@ -85,6 +85,7 @@ class SessionOptions:
     encoder_idle_s: float = 0.0      # > 0: drop an encoder idle this many seconds (memory handed back)
     encoder_precision: str | None = None  # e.g. "int8": that variant of each ONNX stage, where the bundle has one
     n_ctx_start: int = 0             # > 0: the KV cache starts this small and grows with the conversation
+    weight_repack: bool = True       # llama.cpp's CPU repacking of weights: a second copy (runtime/llm.py)
     check_memory: bool = True        # refuse at open a bundle needing more memory than is available
     grounding: bool = True           # run a bundle's grounding stages (BuboGPT) beside the chat
     matcher: str = "llm"             # "llm": the bundle's LLM links phrases (rules when it fails) | "rules"
@@ -104,6 +105,7 @@ LOW_MEMORY = dict(
     encoder_idle_s=30.0,             # a follow-up question within 30 s does not reload the ViT
     encoder_precision="int8",
     n_ctx_start=512,                 # a first image turn (system + 32 rows + question + answer) fits
+    weight_repack=False,             # 7B Q4_K_M: 4.1 instead of 7.0 GiB resident for the LLM
 )
 
 
@@ -185,8 +187,9 @@ class Session:
         self.scheduler = Scheduler(self.llm, opts.snapshots, opts.prefill_chunk)
         log.info("backends: %s", self.describe_backends())
         if opts.low_memory:
-            log.info("low-memory profile: onnx arena %s, encoders %s%s, %s, KV %s, n_ctx %d growing to %d%s",
-                     "on" if opts.onnx_arena else "off", "lazy" if opts.lazy_encoders else "at open",
+            log.info("low-memory profile: onnx arena %s, weight repacking %s, encoders %s%s, %s, KV %s, "
+                     "n_ctx %d growing to %d%s", "on" if opts.onnx_arena else "off",
+                     "on" if opts.weight_repack else "off", "lazy" if opts.lazy_encoders else "at open",
                      f" dropped after {opts.encoder_idle_s:g} s idle" if opts.encoder_idle_s > 0 else "",
                      opts.encoder_precision or "bundle precision", self.llm.kv_type, self.llm.n_ctx,
                      self.llm.n_ctx_max, f"; estimated peak {self.memory_need['total'] / GIB:.1f} GiB"
@@ -208,13 +211,15 @@ class Session:
         args = (o.n_ctx, media_batch(o.n_batch, self.bundle.manifest), o.threads)
         kv_type, flash_attn = resolve_kv(o, self.bundle.manifest["llm"]["quant"])
         try:
-            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, layers, kv_type, flash_attn, o.n_ctx_start, o.parallel))
+            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, layers, kv_type, flash_attn, o.n_ctx_start, o.parallel,
+                                                            repack=o.weight_repack))
         except BundleError as e:
             if layers == 0:
                 raise
             log.warning("llama.cpp could not load the model onto the GPU (%s); loading it on the CPU", e)
             layers = 0
-            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, 0, kv_type, flash_attn, o.n_ctx_start, o.parallel))
+            llm = Llm(str(self.bundle.llm_path), LlmOptions(*args, 0, kv_type, flash_attn, o.n_ctx_start, o.parallel,
+                                                            repack=o.weight_repack))
         llm.gpu_layers = layers
         return llm
 

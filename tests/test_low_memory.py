@@ -57,6 +57,7 @@ def test_low_memory_profile_loads_on_use_and_drops(bundle, photos):
         assert s.opts.low_memory and not s.opts.onnx_arena and s.opts.encoder_idle_s == LOW_MEMORY["encoder_idle_s"]
         assert s.encoders.loaded() == [] and s.encoders.loads == 0          # nothing built at open
         assert s.llm.n_ctx == LOW_MEMORY["n_ctx_start"]
+        assert default.opts.weight_repack and not s.opts.weight_repack and not s.llm.opts.repack
         got = s.chat().send(Q, images=[photos["cat"]], **greedy(12, ignore_stop=True)).result().token_ids
         assert got == want                                                   # same answer, less memory
         assert s.encoders.loaded() == ["image"] and s.encoders.loads == 1
@@ -145,5 +146,6 @@ def test_memory_bench_worker_and_report(bundle, tmp_path):
               "machine": {"cpu": "test", "cores": 2, "ram_gib": 1}}
     md = render(result)
     assert "| low-memory | " in md and "encoders dropped as idle (image)" in md
+    assert "| LLM weights in anonymous memory (llama.cpp's repacked copy) | " in md
     plot(result, tmp_path / "memory.png")
     assert (tmp_path / "memory.png").stat().st_size > 0

@@ -131,6 +131,9 @@ def test_direct_bench_bundle_runs_and_keeps_no_checkpoint(tmp_path, monkeypatch)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["llm"]["quant"] == "Q4_K_M" and manifest["encoder_precision"]["variants"]["int8"]
     assert ("output.weight", "Q6_K", (256, 512)) in list_gguf_tensors(bundle / manifest["llm"]["file"])
+    from scops.bench.memory_report import describe_llm
+    llm = describe_llm(bundle, True)               # what the memory report says of the GGUF
+    assert llm["types"] == {"Q4_K": 13, "Q6_K": 3, "F32": 5} and "bench/random_gguf.py" in llm["how"]
     from PIL import Image
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))
     with Session.open(bundle, low_memory=True, threads=2) as s:
