@@ -114,6 +114,23 @@ class Probe:
         return measured
 
 
+def encode_runs(stages: list[dict]) -> list[tuple[int, int]]:
+    """(peak, kept) bytes above the RSS before each encode stage, less the ONNX sessions a lazy
+    profile built inside it (its nested "... (ONNX sessions)" stages, listed just before it):
+    what running the graphs took, apart from loading them."""
+    out = []
+    for i, s in enumerate(stages):
+        if not s["stage"].endswith("encode (turn)"):
+            continue
+        built, j = 0, i - 1
+        while j >= 0 and stages[j]["depth"] > s["depth"]:
+            if stages[j]["stage"].endswith("(ONNX sessions)"):
+                built += stages[j]["rss_after"] - stages[j]["rss_before"]
+            j -= 1
+        out.append((s["peak"] - s["rss_before"] - built, s["rss_after"] - s["rss_before"] - built))
+    return out
+
+
 # ---- the worker: one profile in this process ---------------------------------------------------
 def run_profile(args) -> dict:
     probe = Probe()
@@ -173,7 +190,7 @@ def run_profile(args) -> dict:
     shape = llm_shape(session.bundle.llm_path)
     llm = session.llm
     enc_built = [s for s in probe.stages if s["stage"].endswith("(ONNX sessions)")]
-    enc_runs = [s for s in probe.stages if s["stage"].endswith("encode (turn)")]
+    arena = encode_runs(probe.stages)
     media = sum(r.nbytes for _, r in session._media.values() if isinstance(r, np.ndarray)) + \
         sum(v.nbytes for base in session._base.values() for v in base.values() if isinstance(v, np.ndarray))
     onnx_files = {str(session.bundle.file(f)) for f in session.bundle.manifest["files"] if ".onnx" in f}
@@ -185,8 +202,8 @@ def run_profile(args) -> dict:
         "kv_cache": kv_bytes(shape, llm.n_ctx, llm.kv_type),
         "onnx_sessions": max((s["rss_after"] - s["rss_before"] for s in enc_built), default=0),
         "onnx_files_mapped_resident": mapped_rss(onnx_files),
-        "onnx_arena_peak": max((s["peak"] - s["rss_before"] for s in enc_runs), default=0),
-        "onnx_arena_retained": max((s["rss_after"] - s["rss_before"] for s in enc_runs), default=0),
+        "onnx_arena_peak": max((peak for peak, _ in arena), default=0),
+        "onnx_arena_retained": max((kept for _, kept in arena), default=0),
         "media_cache": int(media),
     }
     end = status()

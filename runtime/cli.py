@@ -330,7 +330,8 @@ def add_memory_args(p) -> None:
     """--low-memory and --kv-type: the memory options of every command that opens a bundle."""
     p.add_argument("--low-memory", action="store_true",
                    help="8 GB boards: ONNX arena off, encoders loaded on use and dropped after 30 s idle, "
-                        "int8 encoders where the bundle has them, q8_0 KV cache sized to the conversation")
+                        "int8 encoders where the bundle has them, q8_0 KV cache sized to the conversation, "
+                        "llama.cpp's weight repacking off (no second copy of the weights)")
     p.add_argument("--kv-type", choices=["auto", "f16", "f32", "q8_0"], default="auto",
                    help="KV cache precision; auto: f32 (and flash attention off) for an F32 bundle, "
                         "whose greedy tokens then match PyTorch's exactly, q8_0 with --low-memory, else f16")
