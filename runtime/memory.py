@@ -18,12 +18,17 @@ from .errors import BundleError
 GIB = 2**30
 # Bytes per KV element of each cache type: f16 2, f32 4, q8_0 34 per block of 32 values.
 KV_BYTES = {"f16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
-# What a session holds beyond weights and KV cache, measured on minigpt4-7b with
-# `scops bench --shape minigpt4-7b --memory` (2 CPU threads): Python with numpy,
-# onnxruntime and llama.cpp loaded ~0.35 GiB; llama.cpp's compute buffers at n_batch 512
-# ~0.3 GiB; the encoders' activations beside their weights ~0.25 GiB with the ONNX arena
-# on, ~0.1 GiB with it off. The estimate rounds these up to keep the refusal on the safe
-# side (a wrong "fits" ends in the OOM killer; a wrong "does not fit" only in a message).
+# What a session holds beyond weights and KV cache. Measured on minigpt4-7b with
+# `scops bench --shape minigpt4-7b --memory` (2 CPU threads; README "A 7B model in 8 GB"):
+# Python with numpy, onnxruntime and llama.cpp loaded, plus the projector, 0.09 GiB;
+# llama.cpp's context beyond its KV cache ~0.05 GiB after the warm-up; an int8 ViT-g +
+# Q-Former run 0.20-0.26 GiB above its sessions with the ONNX arena off. The estimate rounds
+# these up to keep the refusal on the safe side (a wrong "fits" ends in the OOM killer; a
+# wrong "does not fit" only in a message): it was 5.94 GiB for a measured 5.39 GiB peak of the
+# low-memory profile. With llama.cpp's weight repacking on (the default profile) RSS also
+# counts the GGUF pages the repacked tensors were read from (2.9 GiB of a 7B Q4_K_M): clean
+# file pages the kernel drops under pressure, left out here (default: 10.9 GiB estimated,
+# 11.9 GiB peak RSS measured).
 RUNTIME_BASE = int(0.45 * GIB)
 COMPUTE_PER_BATCH_ROW = int(0.75 * 2**20)      # llama.cpp compute buffer per n_batch row
 ARENA_FRACTION = {True: 0.30, False: 0.15}      # encoder activations, x encoder weight bytes
