@@ -106,7 +106,7 @@ def plot(result: dict, path: Path) -> None:
     names = list(runs)
     keys = ("gguf_mapped_resident", "llm_weights_anon", "kv_cache", "onnx_sessions", "onnx_arena_peak", "media_cache")
     colors = ("#3182bd", "#9ecae1", "#e6550d", "#31a354", "#a1d99b", "#fdae6b")
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig, ax = plt.subplots(figsize=(11, 0.8 + 0.6 * len(names)))
     for i, n in enumerate(names):
         left = 0.0
         for k, c in zip(keys, colors):
@@ -120,7 +120,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("GiB")
     ax.set_title(f"{result['shape']}: peak RSS of an image turn, by part")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlim(0, max(runs[n]["peak_rss"] for n in names) / GIB * 1.2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
