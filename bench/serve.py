@@ -120,6 +120,7 @@ class Stream(threading.Thread):
         self.client, self.messages, self.max_tokens = client, messages, max_tokens
         self.times: list[float] = []
         self.text = ""
+        self.server: dict = {}              # the finish chunk's `scops` object (server-side timings)
         self.t0 = self.error = None
         self._halt = threading.Event()
 
@@ -134,6 +135,8 @@ class Stream(threading.Thread):
                     if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
                         self.times.append(time.perf_counter())
                         self.text += chunk.choices[0].delta.content or ""
+                    if chunk.choices and chunk.choices[0].finish_reason and chunk.model_extra:
+                        self.server = chunk.model_extra.get("scops") or {}
                     if self._halt.is_set():
                         break
         except Exception as e:              # reported by the caller
@@ -154,12 +157,30 @@ def wait_for(cond, timeout: float, what: str) -> None:
         time.sleep(0.005)
 
 
-def probe_ttft(client, messages: list) -> float:
+def probe(client, messages: list) -> Stream:
     s = Stream(client, messages, 1)
     s.run()
     if s.error is not None or not s.times:
         raise RuntimeError(f"probe failed: {s.error}")
-    return s.ttft()
+    return s
+
+
+def probe_ttft(client, messages: list) -> float:
+    return probe(client, messages).ttft()
+
+
+def server_side(streams: list) -> dict:
+    """p50 of what the server says about requests: its own TTFT (from the request's arrival at
+    the scheduler), time queued for a slot, prefill, and the cells it decoded."""
+    out = {}
+    for key in ("ttft_ms", "queue_ms", "prefill_ms", "encode_ms", "preprocess_ms"):
+        v = [s.server.get("timings", {}).get(key) for s in streams]
+        if v and all(x is not None for x in v):
+            out[key] = float(np.percentile(v, 50))
+    cells = [s.server.get("decoded_cells") for s in streams]
+    if cells and all(c is not None for c in cells):
+        out["decoded_cells"] = float(np.percentile(cells, 50))
+    return out
 
 
 def measure_level(client, c: int, o: ServeBenchOptions, log: Log) -> dict:
@@ -181,7 +202,8 @@ def measure_level(client, c: int, o: ServeBenchOptions, log: Log) -> dict:
         ends = [s.times[min(m + o.tokens, len(s.times)) - 1] for s, m in zip(streams, marks)]
         got = [min(o.tokens, len(s.times) - m) for s, m in zip(streams, marks)]
         agg = sum(got) / (max(ends) - t0) if c else 0.0
-        ttft = [probe_ttft(client, [{"role": "user", "content": f"{PROBE} ({c}.{r})"}]) for r in range(o.reps)]
+        probes = [probe(client, [{"role": "user", "content": f"{PROBE} ({c}.{r})"}]) for r in range(o.reps)]
+        ttft = [p.ttft() for p in probes]
         if c and not all(s.is_alive() for s in streams):
             log(f"  warning: a stream ended before the probes did (raise --tokens headroom)")
     finally:
@@ -190,7 +212,8 @@ def measure_level(client, c: int, o: ServeBenchOptions, log: Log) -> dict:
         for s in streams:
             s.join(timeout=60)
     return {"concurrency": c, "decode_tok_s": agg, "per_stream_tok_s": agg / c if c else 0.0,
-            "ttft_ms": ttft, "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p90": float(np.percentile(ttft, 90))}
+            "ttft_ms": ttft, "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p90": float(np.percentile(ttft, 90)),
+            "server_p50": server_side(probes)}
 
 
 def data_url(rgb: np.ndarray) -> str:
@@ -203,7 +226,7 @@ def data_url(rgb: np.ndarray) -> str:
 def measure_turns(client, reps: int, tokens: int) -> dict:
     """Turn 1: a new picture + question; turn 2: a text follow-up in the same conversation."""
     from .peers import bench_images
-    t1, t2 = [], []
+    t1, t2, s1, s2 = [], [], [], []
     for img in bench_images(reps + 1):               # the first is a warm-up
         user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
                                             {"type": "text", "text": QUESTION}]}
@@ -216,9 +239,12 @@ def measure_turns(client, reps: int, tokens: int) -> dict:
             raise RuntimeError(f"turn failed: {first.error or second.error}")
         t1.append(first.ttft())
         t2.append(second.ttft())
+        s1.append(first)
+        s2.append(second)
     t1, t2 = t1[1:], t2[1:]
     return {"turn1_ttft_ms": t1, "turn2_ttft_ms": t2, "turn1_p50": float(np.percentile(t1, 50)),
-            "turn2_p50": float(np.percentile(t2, 50))}
+            "turn2_p50": float(np.percentile(t2, 50)), "turn1_server_p50": server_side(s1[1:]),
+            "turn2_server_p50": server_side(s2[1:])}
 
 
 def burst_pictures(k: int, side: int) -> list[str]:
@@ -279,6 +305,22 @@ def measure_burst(server: ServerProcess, client_factory, burst: tuple, log: Log)
 
 
 # ---- the run -------------------------------------------------------------------------------
+def measure_ceiling(bundle: Path, o: ServeBenchOptions, parallel: int, log: Log) -> dict:
+    """Raw batched llama_decode on the server's GGUF and context, in its own process (bench/ceiling.py)."""
+    gguf = bundle / json.loads((bundle / "manifest.json").read_text())["llm"]["file"]
+    ks = ",".join(str(k) for k in (1,) + tuple(o.concurrency) if k < parallel)
+    cmd = [sys.executable, "-m", "scops.bench.ceiling", str(gguf), "--threads", str(o.threads), "--n-seq",
+           str(parallel), "--n-ctx", str(N_CTX), "--ks", ",".join(sorted(set(ks.split(",")), key=int)),
+           "--reps", str(max(5, 2 * o.reps))]
+    log("raw llama_decode ceiling: " + " ".join(["python"] + cmd[1:]))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"the ceiling run failed: {out.stderr.strip()[-2000:]}")
+    c = json.loads(out.stdout.strip().splitlines()[-1])
+    log("  " + ", ".join(f"{k} seq: {c['step_ms_p50'][k]:.1f} ms/step = {v:.1f} tok/s" for k, v in c["tok_s"].items()))
+    return c
+
+
 def run_serve_bench(o: ServeBenchOptions, log: Log) -> dict:
     import openai
     o = o.resolved()
@@ -286,6 +328,7 @@ def run_serve_bench(o: ServeBenchOptions, log: Log) -> dict:
     _, bundle = ensure_bundle(SHAPES[o.shape], o.encoder_precision, log)
     parallel = max(o.concurrency) + 1                   # the probe needs a slot of its own
     o.out.mkdir(parents=True, exist_ok=True)
+    ceiling = measure_ceiling(bundle, o, parallel, log)
     server = ServerProcess(bundle, parallel, max(o.burst[0], 8), o.threads, o.out / "serve.log")
     log(f"{server.command}")
     try:
@@ -316,7 +359,7 @@ def run_serve_bench(o: ServeBenchOptions, log: Log) -> dict:
     }
     return {"shape": o.shape, "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o).items()},
             "machine": describe_machine(), "bundle": str(bundle), "server_command": server.command,
-            "parallel": parallel, "levels": levels, "turns": turns, "burst": burst, "ratios": ratios,
+            "parallel": parallel, "ceiling": ceiling, "levels": levels, "turns": turns, "burst": burst, "ratios": ratios,
             "targets": check_targets(ratios, TARGETS), "wall_s": time.perf_counter() - t0}
 
 
@@ -326,14 +369,34 @@ def render_markdown(result: dict, command: str) -> str:
              f"Server: `{result['server_command']}`", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM "
              f"(1-min load average at start: {m['load_avg_1m']})", "",
-             "| streams | decode tok/s (all) | per stream | text-turn TTFT p50 ms | p90 ms |",
-             "|---:|---:|---:|---:|---:|"]
+             "| streams | decode tok/s (all) | per stream | text-turn TTFT p50 ms | p90 ms "
+             "| server: TTFT p50 ms | queued | prefill | cells decoded |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in result["levels"]:
+        sv = lv.get("server_p50", {})
         lines.append(f"| {lv['concurrency']} | {lv['decode_tok_s']:.1f} | {lv['per_stream_tok_s']:.1f} | "
-                     f"{lv['ttft_p50']:.1f} | {lv['ttft_p90']:.1f} |")
+                     f"{lv['ttft_p50']:.1f} | {lv['ttft_p90']:.1f} | " + " | ".join(
+                         _num(sv.get(k)) for k in ("ttft_ms", "queue_ms", "prefill_ms", "decoded_cells")) + " |")
+    lines += ["", "Server columns: what the server reports in the finish chunk's `scops.timings` (p50 over the "
+                  "probes): its TTFT counts from the request's arrival at the engine (parsed, media prepared) to "
+                  "the first token sampled; the client's TTFT adds HTTP, JSON and the client's own threads."]
+    c = result.get("ceiling")
+    if c:
+        ks = list(c["tok_s"])
+        lines += ["", f"Raw batched `llama_decode` on the same GGUF and context ({c['n_seq']} sequences x "
+                      f"{c['n_ctx']} positions, unified KV, {c['threads']} threads; p50 of {c['reps']}, load "
+                      f"{c['load_avg_1m']}): the ceiling of the server's decode.", "",
+                  "| one llama_decode of | p50 ms | tokens/s | vs 1 sequence |", "|---|---:|---:|---:|"]
+        for k in ks:
+            lines.append(f"| 1 token of {k} sequence(s) | {c['step_ms_p50'][k]:.1f} | {c['tok_s'][k]:.1f} | "
+                         f"{c['tok_s'][k] / c['tok_s'][ks[0]]:.2f}x |")
+        lines.append(f"| a {c['chunk_cells']}-cell text chunk alone | {c['step_ms_p50']['chunk']:.1f} | | |")
+        last = f"{ks[-1]}+chunk"
+        if last in c["step_ms_p50"]:
+            lines.append(f"| 1 token of {ks[-1]} sequences + the chunk | {c['step_ms_p50'][last]:.1f} | | |")
     t = result["turns"]
     lines += ["", f"Turn 1 (picture + question) TTFT p50 {t['turn1_p50']:.1f} ms; turn 2 (text follow-up, same "
-                  f"conversation) {t['turn2_p50']:.1f} ms.",
+                  f"conversation) {t['turn2_p50']:.1f} ms." + _turn_server(t),
               f"Burst: {b['requests']} concurrent requests x {b['pictures']} PNGs of {b['side']}x{b['side']} "
               f"({b['wire_bytes_per_request'] / 1024:.0f} KiB per request on the wire): server RSS idle "
               f"{b['idle_rss'] / 2**20:.0f} MiB, peak {b['peak_rss'] / 2**20:.0f} MiB "
@@ -347,6 +410,20 @@ def render_markdown(result: dict, command: str) -> str:
             f"{tg['status']} ({'margin' if tg['status'] == 'pass' else 'short by'} {tg['factor']:.2f}x)"
         lines.append(f"| {tg['target']} | {v} | {status} |")
     return "\n".join(lines) + "\n"
+
+
+def _num(v) -> str:
+    return "—" if v is None else f"{v:.1f}"
+
+
+def _turn_server(t: dict) -> str:
+    one, two = t.get("turn1_server_p50", {}), t.get("turn2_server_p50", {})
+    if "ttft_ms" not in one or "ttft_ms" not in two:
+        return ""
+    return (f" Server side (p50): turn 1 {one['ttft_ms']:.1f} ms ({_num(one.get('decoded_cells'))} cells decoded, "
+            f"encode {_num(one.get('encode_ms'))} ms), turn 2 {two['ttft_ms']:.1f} ms "
+            f"({_num(two.get('decoded_cells'))} cells decoded, preprocess {_num(two.get('preprocess_ms'))} ms, "
+            f"encode {_num(two.get('encode_ms'))} ms).")
 
 
 def plot_serve(result: dict, path: Path) -> None:

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .errors import ScopsError
+from .errors import ScopsError, SlotsBusy
 from .llm import common_prefix, split_runs
 from .states import MIN_GAIN_CELLS, SnapshotStore
 from .stream import Job
@@ -35,6 +35,12 @@ log = logging.getLogger("scops")
 # 1-7B model), and every stream waits for it; smaller chunks make streams smoother and the
 # new reply's first token later.
 DEFAULT_PREFILL_CHUNK = 128
+
+
+# How long `borrow` waits for a slot by default: an Emu picture's regression waits for a
+# reply to finish (a few hundred tokens, ~10-60 s on a CPU) rather than cancel one.
+BORROW_WAIT_S = 120.0
+BORROW_POLL_S = 0.25         # how often a waiting borrower checks whether it was cancelled
 
 
 class SessionClosed(ScopsError):
@@ -54,6 +60,8 @@ class Scheduler:
         self.llm = llm
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)       # notified when work arrives
+        self.freed = threading.Condition(self.lock)      # notified when a slot is given back
+        self.borrowers = 0                               # waiting in `borrow`: they go before new replies
         self.slots = [Slot(s) for s in range(llm.n_seq)]
         self.waiting: deque[Job] = deque()
         self.snapshots = SnapshotStore(llm, snapshots)
@@ -97,19 +105,29 @@ class Scheduler:
             self.closed = True
 
     @contextlib.contextmanager
-    def borrow(self):
+    def borrow(self, timeout: float = BORROW_WAIT_S, cancelled=None):
         """Hold the Llm for work outside the scheduler (Emu's regression loop): -> a sequence
-        to use. A free slot is taken if there is one, else the least recently started reply
-        is cancelled; no step runs until the block ends."""
+        to use; no step runs until the block ends. With every slot busy it waits (steps go on
+        meanwhile, and replies still waiting are placed after it) until a reply ends; after
+        `timeout` seconds it raises SlotsBusy, and it gives up with SessionClosed when the
+        session closes or `cancelled()` turns true. A running reply is never cancelled for it."""
+        deadline = time.monotonic() + timeout
         with self.lock:
+            self.borrowers += 1
+            try:
+                while not self.closed and all(s.job is not None for s in self.slots):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise SlotsBusy(f"all {len(self.slots)} sequences stayed busy with replies for "
+                                        f"{timeout:g} s; retry later")
+                    if cancelled is not None and cancelled():
+                        raise SessionClosed("cancelled while waiting for a free sequence")
+                    self.freed.wait(min(left, BORROW_POLL_S))
+            finally:
+                self.borrowers -= 1
             if self.closed:
                 raise SessionClosed("the session is closed")
-            free = [s for s in self.slots if s.job is None]
-            if free:
-                slot = min(free, key=lambda s: s.last_used)
-            else:
-                slot = min(self.slots, key=lambda s: s.job.t_placed)
-                self._finish(slot.job, "cancelled")
+            slot = min((s for s in self.slots if s.job is None), key=lambda s: s.last_used)
             slot.prompt_len = 0                   # what it held is not a prompt worth a snapshot
             yield slot.seq
 
@@ -134,7 +152,7 @@ class Scheduler:
         for slot in self.slots:
             if slot.job is not None and slot.job.cancel_requested.is_set():
                 self._finish(slot.job, "cancelled")
-        while self.waiting and any(s.job is None for s in self.slots):
+        while self.waiting and sum(s.job is None for s in self.slots) > self.borrowers:
             job = self.waiting.popleft()
             try:
                 self._place(job)
@@ -231,4 +249,5 @@ class Scheduler:
         for slot in self.slots:
             if slot.job is job:
                 slot.job, slot.last_used = None, self.steps
+                self.freed.notify_all()
         job.finish(reason, error)

@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import hashlib
 import http.client
 import logging
 import threading
 import time
 import urllib.request
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -33,7 +35,11 @@ log = logging.getLogger("scops")
 REMOTE_TIMEOUT_S = 10.0             # --allow-remote-media: whole-download deadline
 REMOTE_MAX_BYTES = 16 << 20         # --allow-remote-media: largest image fetched
 IDLE_POLL_S = 0.2                   # how often an idle engine checks whether it should stop
-ARG = {"image": "images", "audio": "audios"}    # modality -> Conversation.send argument
+# Encoder inputs kept by the exact bytes a client sent (a data: URL, a base64 clip): a chat
+# client sends the picture again with every turn, and this skips decoding, hashing and
+# resizing it again. MiniGPT-4's 1x3x224x224 fp32 is 0.6 MB, so ~50 pictures fit.
+PREPARED_CACHE_BYTES = 32 << 20
+ARG = {"image": "images", "audio": "audios", "video": "videos"}    # modality -> Conversation.send argument
 
 
 class Engine:
@@ -45,6 +51,9 @@ class Engine:
         # served | cancelled (client gone) | invalid (a 4xx after admission) | failed (internal) | rejected (429)
         self.counts = {"served": 0, "cancelled": 0, "invalid": 0, "failed": 0, "rejected": 0}
         self._lock = threading.Lock()
+        self._prepared: OrderedDict = OrderedDict()       # sha256 of the sent bytes -> Prepared (LRU)
+        self._prepared_bytes = 0
+        self.media_hits = self.media_misses = 0           # requests' media found / not found in it
         self._decode = ThreadPoolExecutor(decode_workers, thread_name_prefix="scops-decode")
         self._encode = ThreadPoolExecutor(1, thread_name_prefix="scops-encode")
         self._stop = threading.Event()
@@ -83,11 +92,43 @@ class Engine:
             raise
 
     def _prepare_one(self, spec: MediaSpec):
+        key = sent_key(spec)
+        if key is not None and (hit := self._cached(key)) is not None:
+            return hit
         data = decode_media(spec, self.limits, fetch_remote)
         try:
-            return self.session.prepare_media(spec.modality, data)
+            prepared = self.session.prepare_media(spec.modality, data)
         except ScopsError as e:
             raise ApiError(400, f"{spec.param}: {e}", param=spec.param, code="invalid_media") from None
+        if key is not None:
+            self._keep(key, prepared)
+        return prepared
+
+    def _cached(self, key: str):
+        grounder = self.session.grounder
+        with self._lock:
+            prepared = self._prepared.get(key)
+            if prepared is not None:
+                # BuboGPT grounds the decoded picture: once its grounding has left the grounder's
+                # cache, the picture must be decoded again to ground it
+                fut = grounder.future(prepared.key) if grounder is not None and prepared.modality == "image" else None
+                if grounder is None or prepared.modality != "image" or (fut is not None and not fut.cancelled()):
+                    self._prepared.move_to_end(key)
+                    self.media_hits += 1
+                    return prepared
+            self.media_misses += 1
+            return None
+
+    def _keep(self, key: str, prepared) -> None:
+        size = prepared.batch.nbytes
+        with self._lock:
+            if key in self._prepared or size > PREPARED_CACHE_BYTES:
+                return
+            self._prepared[key] = prepared
+            self._prepared_bytes += size
+            while self._prepared_bytes > PREPARED_CACHE_BYTES:
+                _, old = self._prepared.popitem(last=False)
+                self._prepared_bytes -= old.batch.nbytes
 
     async def start(self, request: ChatRequest, prepared: dict, listener):
         """Encode, build the conversation and queue its reply (-> Reply, generating)."""
@@ -128,6 +169,14 @@ class Engine:
         self._thread.join(timeout=10)
         self._decode.shutdown(wait=False, cancel_futures=True)
         self._encode.shutdown(wait=False, cancel_futures=True)
+
+
+def sent_key(spec: MediaSpec) -> str | None:
+    """A key for media sent inline (data: URL, base64 audio): sha256 of what was sent; None for
+    a remote URL (what it points at may change; it is fetched every time)."""
+    if spec.modality != "audio" and not spec.source.startswith("data:"):
+        return None
+    return hashlib.sha256(f"{spec.modality}\n{spec.source}".encode()).hexdigest()
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):

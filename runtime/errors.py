@@ -28,3 +28,7 @@ class OptionError(ScopsError):
 class ExportError(ScopsError):
     """An export that cannot proceed: a missing or malformed source file, an unsupported
     model, a failed parity check. Always names the file or stage at fault."""
+
+
+class SlotsBusy(ScopsError):
+    """Every LLM sequence stayed busy with a reply for as long as a borrower would wait."""

@@ -118,8 +118,9 @@ class Imaginer:
             if not ok:
                 raise OptionError(msg)
 
-    def embed(self, prompt: str, refs: list[MediaRef], media: dict) -> np.ndarray:
-        """The 32 regressed rows of `refs` pictures followed by `prompt`."""
+    def embed(self, prompt: str, refs: list[MediaRef], media: dict, cancel=None) -> np.ndarray:
+        """The 32 regressed rows of `refs` pictures followed by `prompt`. With every LLM sequence
+        busy it waits for a reply to end (SlotsBusy after the scheduler's BORROW_WAIT_S)."""
         from .regress import regress
 
         s, llm = self.session, self.session.llm
@@ -135,7 +136,7 @@ class Imaginer:
         def fill(out, key, start):
             modality, rows = media[key]
             s.projectors[modality].forward(rows[start:start + len(out)], out=out)
-        with s.scheduler.borrow() as seq:                # no chat step runs on the LLM meanwhile
+        with s.scheduler.borrow(cancelled=cancel) as seq:   # no chat step runs on the LLM meanwhile
             return regress(llm, cells, self.special[self.gen["boi"]].id, self.head, int(self.gen["n_embeds"]),
                            fill, seq=seq)
 
@@ -150,11 +151,11 @@ class Imaginer:
             refs, _ = s.encode_media("image", images)
             media = {r.key: s.media_rows(r.key) for r in refs}
         t1 = time.perf_counter()
-        cond = self.embed(prompt, refs, media)
+        cond = self.embed(prompt, refs, media, cancel)
         uncond = None
         if options.guidance > 1:                     # pipeline.py: do_classifier_free_guidance
             if self.uncond is None:
-                self.uncond = self.embed("", [], {})
+                self.uncond = self.embed("", [], {}, cancel)
             uncond = self.uncond
         t2 = time.perf_counter()
         seed = options.seed if options.seed is not None else int.from_bytes(__import__("os").urandom(4), "little")

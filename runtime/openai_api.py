@@ -19,7 +19,7 @@ from typing import Annotated, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import InputError, OptionError, PromptTooLong, ScopsError, UnsupportedModality
+from .errors import InputError, OptionError, PromptTooLong, ScopsError, SlotsBusy, UnsupportedModality
 from .preprocess import decode_image
 
 # OpenAI documents temperature in [0, 2]; above that sampling is noise.
@@ -51,7 +51,10 @@ class ApiError(Exception):
 
 
 def to_api_error(e: ScopsError) -> ApiError:
-    """A runtime error (bad media, too long, unsupported, bad option) -> a 400."""
+    """A runtime error (bad media, too long, unsupported, bad option) -> a 400; every sequence
+    busy for too long -> 503."""
+    if isinstance(e, SlotsBusy):
+        return ApiError(503, str(e), type="server_error", code="slots_busy")
     codes = {PromptTooLong: "context_length_exceeded", UnsupportedModality: "unsupported_modality",
              InputError: "invalid_media", OptionError: "invalid_value"}
     code = next((c for t, c in codes.items() if isinstance(e, t)), "invalid_request")
@@ -90,7 +93,17 @@ class AudioPart(_Strict):
     input_audio: InputAudio
 
 
-Part = Annotated[Union[TextPart, ImagePart, AudioPart], Field(discriminator="type")]
+class VideoUrl(_Strict):
+    url: str
+
+
+class VideoPart(_Strict):                     # vLLM's and llama.cpp's part for a clip
+    type: Literal["video_url"]
+    video_url: VideoUrl
+
+
+Part = Annotated[Union[TextPart, ImagePart, AudioPart, VideoPart], Field(discriminator="type")]
+PART_TYPES = "text, image_url, input_audio, video_url"
 
 
 class ChatMessage(_Strict):
@@ -218,8 +231,8 @@ class Limits:
 @dataclass(frozen=True)
 class MediaSpec:
     """A picture or clip of a request, not decoded yet."""
-    modality: str             # "image" | "audio"
-    source: str               # image: a data: or http(s) URL; audio: base64 WAV
+    modality: str             # "image" | "audio" | "video"
+    source: str               # image, video: a data: or http(s) URL; audio: base64 WAV
     param: str                # where it was in the request, for errors
 
 
@@ -293,12 +306,13 @@ def _turns(messages: list[ChatMessage], limits: Limits, modalities) -> tuple[str
             if isinstance(part, TextPart):
                 texts.append(part.text)
                 continue
-            modality = "image" if isinstance(part, ImagePart) else "audio"
+            modality, source = (("image", part.image_url.url) if isinstance(part, ImagePart) else
+                                ("video", part.video_url.url) if isinstance(part, VideoPart) else
+                                ("audio", part.input_audio.data))
             _require_modality(modality, modalities, at)
             _require(m.role == "user", f"{where}: a {m.role} message takes text only", f"{where}.content")
-            source = part.image_url.url if isinstance(part, ImagePart) else part.input_audio.data
-            if modality == "image":
-                _check_image_url(source, at, limits)
+            if modality != "audio":
+                _check_media_url(source, at, limits, modality)
             media.append(MediaSpec(modality, source, at))
         text = "\n".join(texts)
         if m.role in ("system", "developer"):
@@ -312,22 +326,23 @@ def _turns(messages: list[ChatMessage], limits: Limits, modalities) -> tuple[str
     return ("\n".join(systems) if systems else None), turns
 
 
-def _check_image_url(url: str, at: str, limits: Limits) -> None:
+def _check_media_url(url: str, at: str, limits: Limits, modality: str = "image") -> None:
     if url.startswith("data:"):
         head, sep, _ = url.partition(",")
-        _require(bool(sep) and head.endswith(";base64"), f"{at}: data URL must be base64 (data:image/...;base64,...)",
-                 at)
+        _require(bool(sep) and head.endswith(";base64"),
+                 f"{at}: data URL must be base64 (data:{modality}/...;base64,...)", at)
     elif url.startswith(("http://", "https://")):
-        _require(limits.allow_remote_media, f"{at}: remote image URLs are off on this server "
+        _require(limits.allow_remote_media, f"{at}: remote {modality} URLs are off on this server "
                  "(send a data: URL, or start it with --allow-remote-media)", at, "remote_media_disabled")
     else:
-        raise ApiError(400, f"{at}: image URL must be a data: URL (or http(s) with --allow-remote-media); "
+        raise ApiError(400, f"{at}: {modality} URL must be a data: URL (or http(s) with --allow-remote-media); "
                        "local paths and file: URLs are never read", param=at)
 
 
 # ---- media (run by the server in its decode pool) ---------------------------------------
 def decode_media(spec: MediaSpec, limits: Limits, fetch: Callable[[str], bytes]):
-    """-> decoded RGB array (image) or WAV bytes (audio, length-checked), or ApiError."""
+    """-> decoded RGB array (image), WAV bytes (audio, length-checked) or the video file's
+    bytes (decoded by the session: PyAV reads only the frames it samples), or ApiError."""
     at = spec.param
     if spec.modality == "audio":
         data = _b64(spec.source, at)
@@ -337,6 +352,9 @@ def decode_media(spec: MediaSpec, limits: Limits, fetch: Callable[[str], bytes])
                  f"{limits.max_audio_seconds:g} s limit", at, "audio_too_long")
         return data
     data = _b64(spec.source.partition(",")[2], at) if spec.source.startswith("data:") else fetch(spec.source)
+    if spec.modality == "video":
+        _require(len(data) > 0, f"{at}: empty video", at, "invalid_media")
+        return data
     try:
         return decode_image(data, max_pixels=limits.max_image_pixels)
     except InputError as e:
@@ -396,9 +414,9 @@ def _validation_error(e: ValidationError) -> ApiError:
     path, err = next((p, err) for p, err in paths if len(p) == deepest)
     messages = list(dict.fromkeys(err["msg"] for p, err in paths if p == path))
     if err["type"] == "union_tag_invalid":
-        messages = ["type must be one of text, image_url, input_audio"]
+        messages = [f"type must be one of {PART_TYPES}"]
     elif path.endswith("content") and len(messages) > 1:
-        messages = ["must be a string or a list of parts (text, image_url, input_audio)"]
+        messages = [f"must be a string or a list of parts ({PART_TYPES})"]
     return ApiError(400, f"{path or 'body'}: {' or '.join(messages)}", param=path or None)
 
 
@@ -413,8 +431,8 @@ def _param(loc: tuple) -> str:
     return path
 
 
-_FIELDS = {name for m in (TextPart, ImageUrl, ImagePart, InputAudio, AudioPart, ChatMessage, StreamOptions,
-                          ChatCompletionRequest) for name in m.model_fields}
+_FIELDS = {name for m in (TextPart, ImageUrl, ImagePart, InputAudio, AudioPart, VideoUrl, VideoPart, ChatMessage,
+                          StreamOptions, ChatCompletionRequest) for name in m.model_fields}
 
 
 def _require(ok: bool, message: str, param: str | None = None, code: str | None = None) -> None:

@@ -155,6 +155,7 @@ class Server:
                 "generates_images": self.images.available,
                 "parallel": self.session.llm.n_seq, "active": e.scheduler.active(), "admitted": e.admitted,
                 "capacity": e.capacity, "queue": self.opts.queue, "counts": dict(e.counts),
+                "media_cache": {"hits": e.media_hits, "misses": e.media_misses},
                 "snapshots": len(e.scheduler.snapshots), "max_tokens_cap": self.opts.max_tokens_cap}
 
     # ---- routes ------------------------------------------------------------------------------

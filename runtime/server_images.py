@@ -83,6 +83,8 @@ class ImageRoute:
                 return None
             raise
         except ScopsError as e:
+            if cancel.is_set():                            # gave up waiting for a sequence: client gone
+                return None
             err = to_api_error(e)
             err.param = "image" if err.code == "invalid_media" else None     # not chat's `messages`
             raise err from None

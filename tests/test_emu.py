@@ -188,6 +188,26 @@ def test_video_chat_equals_reference(chat, ref_i, clip):
     assert again.timings["encode_ms"] == 0 and chat.stats.media_cache_hits >= 1      # 8 frames cached
 
 
+def test_video_url_parts_over_http(chat, clip):
+    """`scops serve` takes a video_url part (a data: URL of the file): the same greedy answer as
+    the Python API; the same clip again runs no encoder; a corrupt clip is one 400."""
+    import base64
+    from test_server import post, running
+    url = "data:video/mp4;base64," + base64.b64encode(open(clip, "rb").read()).decode()
+    want = chat.chat().send(QV, videos=[clip], temperature=0, max_tokens=N).result()
+    body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                                      {"type": "text", "text": QV}]}],
+            "temperature": 0, "max_tokens": N}
+    with running(chat) as server:
+        status, got = post(server, body)
+        assert status == 200, got
+        assert got["choices"][0]["message"]["content"] == want.text
+        assert got["scops"]["timings"].get("encode_ms", 0) == 0              # the 8 frames were cached
+        body["messages"][0]["content"][0]["video_url"]["url"] = "data:video/mp4;base64,AAAAAAAA"
+        status, err = post(server, body)
+        assert status == 400 and err["error"]["code"] == "invalid_media", err
+
+
 def test_video_shares_the_image_graphs(chat):
     assert chat.encoders["video"].base[0] is chat.encoders["image"].base[0]          # one EVA session
     assert chat.describe_backends().count("vision.onnx") == 1

@@ -121,6 +121,51 @@ def test_an_abandoned_reply_frees_its_slot(bundle):
         assert after.finish_reason == "length" and s.scheduler.active() == 0
 
 
+def test_borrowing_the_llm_waits_for_a_slot_and_never_cancels_a_reply(bundle):
+    """Work outside the replies (Emu's regression) with every slot busy: it waits for a reply
+    to end (steps go on meanwhile; a reply queued after it waits for it) or gives up with
+    SlotsBusy, or when its caller goes away; the reply it waited on runs to its end."""
+    from scops.runtime.errors import ScopsError, SlotsBusy
+    from scops.runtime.session import Session
+    with Session.open(bundle("Q4_K_M"), n_ctx=512, parallel=1) as s:
+        story = s.chat().send("Tell me a story.", **greedy(12))
+        next(story)                                      # placed: the only slot is busy
+        with pytest.raises(SlotsBusy, match="busy"):
+            with s.scheduler.borrow(timeout=0):
+                pass
+        seen, release = {}, threading.Event()
+
+        def borrower():
+            with s.scheduler.borrow(timeout=60) as seq:
+                seen.update(seq=seq, story=(story.finish_reason, len(story.token_ids)), later=later._job.seq)
+                release.wait(60)
+        t = threading.Thread(target=borrower)
+        t.start()
+        for _ in range(6000):                            # until the borrower waits
+            if s.scheduler.borrowers:
+                break
+            threading.Event().wait(0.01)
+        later = s.chat().send("Hello.", **greedy(3)).start()
+        assert story.result().finish_reason == "length"   # this thread steps the story to its end
+        for _ in range(6000):
+            if seen:
+                break
+            threading.Event().wait(0.01)
+        assert seen == {"seq": 0, "story": ("length", 12), "later": None}   # not cancelled; later waits
+        release.set()
+        t.join(60)
+        assert later.result().finish_reason == "length"
+        cancel = threading.Event()
+        again = s.chat().send("Tell me a story.", **greedy(200))
+        next(again)
+        cancel.set()
+        with pytest.raises(ScopsError, match="cancelled"):
+            with s.scheduler.borrow(timeout=60, cancelled=cancel.is_set):
+                pass
+        assert not again.finished
+        again.close()
+
+
 def test_long_conversation_drops_oldest_turns(bundle, photos):
     from scops.runtime.errors import PromptTooLong
     from scops.runtime.session import Session

@@ -115,6 +115,32 @@ def test_extending_a_chat_reuses_its_kv(server, photos):
     assert server.session.scheduler.snapshots.saved == saved              # a chat going on costs no snapshot
 
 
+def test_turn_two_does_not_decode_the_picture_sent_again(server, photos, monkeypatch):
+    """A client sends the picture again with every turn: the server keeps its encoder input by
+    the bytes sent, so turn 2 decodes no picture; another picture (one pixel off) is decoded."""
+    import scops.runtime.openai_api as api
+    decoded = []
+    real = api.decode_image
+    monkeypatch.setattr(api, "decode_image", lambda data, **kw: decoded.append(len(data)) or real(data, **kw))
+    c = client(server)
+    before = post(server, b"", method="GET", path="/health")[1]["media_cache"]
+    rgb = photos["cat"].copy()
+    rgb[1, 2] = (rgb[1, 2].astype(int) + 7) % 256          # new to this server
+    first = [user_with_image(rgb, "Turn one?")]
+    r1 = c.chat.completions.create(model="tiny", messages=first, max_tokens=4, temperature=0)
+    assert len(decoded) == 1
+    second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                      {"role": "user", "content": "Turn two?"}]
+    r2 = c.chat.completions.create(model="tiny", messages=second, max_tokens=4, temperature=0)
+    assert len(decoded) == 1                                # not decoded again
+    assert r2.scops["reused_cells"] >= r1.usage.prompt_tokens - 2
+    after = post(server, b"", method="GET", path="/health")[1]["media_cache"]
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 1)
+    rgb[1, 3] = (rgb[1, 3].astype(int) + 7) % 256
+    c.chat.completions.create(model="tiny", messages=[user_with_image(rgb, "Turn one?")], max_tokens=2)
+    assert len(decoded) == 2
+
+
 def test_interleaved_chats_restore_their_snapshot(server, photos):
     c = client(server)
     a = [user_with_image(photos["cat"], "Chat A: what is this?")]
@@ -150,6 +176,8 @@ BAD_REQUESTS = {
     "seed": ({"messages": [{"role": "user", "content": "hi"}], "seed": "x"}, 400, "seed"),
     "audio": ({"messages": [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}]}, 400, None),
+    "video": ({"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}]}, 400, None),
     "local path": ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 400, None),
     "file URL": ({"messages": [{"role": "user", "content": [
@@ -176,7 +204,7 @@ def test_bad_request_gets_its_4xx_and_the_server_goes_on(server, name):
     assert "Traceback" not in err["error"]["message"]
     if param:
         assert err["error"]["param"] == param
-    if name == "audio":
+    if name in ("audio", "video"):
         assert "unsupported modality" in err["error"]["message"]
     ok, body = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                              "some_future_field": {"x": 1}})        # unknown fields are ignored
