@@ -29,12 +29,16 @@ def measure_ceiling(gguf: str, threads: int, n_seq: int, n_ctx: int, ks=(1, 2, 4
     ks = tuple(k for k in ks if k < n_seq)                 # the last sequence reads the chunk
     llm = Llm(gguf, LlmOptions(n_ctx=n_ctx, n_threads=threads, n_seq=n_seq))
     try:
-        prompt = [1] + [100 + (i * 37) % 30000 for i in range(PROMPT_CELLS - 1)]
+        v = llm.n_vocab
+
+        def tok(i: int) -> int:                           # arbitrary ordinary ids of this vocabulary
+            return 3 + (i * 37) % (v - 3)
+        prompt = [1] + [tok(100 + i) for i in range(PROMPT_CELLS - 1)]
         for s in range(n_seq):
             llm.decode_step([(s, prompt, True)])
         chunk_seq = n_seq - 1
-        chunk = [(chunk_seq, list(range(700, 700 + CHUNK)), True)]
-        plan = {f"{k}": [(s, [500 + s], True) for s in range(k)] for k in ks}
+        chunk = [(chunk_seq, [tok(700 + i) for i in range(CHUNK)], True)]
+        plan = {f"{k}": [(s, [tok(500 + s)], True) for s in range(k)] for k in ks}
         plan["chunk"] = chunk
         plan[f"{max(ks)}+chunk"] = plan[f"{max(ks)}"] + chunk
         times: dict = {name: [] for name in plan}

@@ -8,7 +8,9 @@ Then every `step` makes one `llama_decode` of token runs: the next token of ever
 streaming job plus a chunk of the oldest prompt still being read (media rows, which
 llama.cpp cannot mix with tokens in one batch, go in their own call after it). While
 other replies stream, a prompt advances by at most `prefill_chunk` cells a step, so a new
-request does not stall them; alone, it takes whole batches.
+request does not stall them; alone, it takes whole batches. A prompt's first chunk goes
+alone, ahead of the streams' tokens (see `_step`): a short text turn's first token then
+costs one step of its own cells, not of its cells plus every stream's.
 
 Whoever wants a job's next piece calls `pump` (the Python API from the reader's thread,
 `scops serve` from its engine thread); one thread steps at a time, under `lock`, and
@@ -56,7 +58,8 @@ class Slot:
 
 
 class Scheduler:
-    def __init__(self, llm, snapshots: int = 0, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+    def __init__(self, llm, snapshots: int = 0, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 first_chunk_first: bool = True):
         self.llm = llm
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)       # notified when work arrives
@@ -66,6 +69,8 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.snapshots = SnapshotStore(llm, snapshots)
         self.prefill_chunk = max(1, prefill_chunk)
+        self.first_chunk_first = first_chunk_first     # a new prompt's first chunk before the streams' tokens
+        self._held = False                             # the last step held the streams back
         self.steps = 0
         self.copied = 0              # prefixes shared from another slot
         self.closed = False
@@ -162,8 +167,19 @@ class Scheduler:
         running = [s.job for s in self.slots if s.job is not None]
         streaming = [j for j in running if j.next_token is not None]
         reading = sorted((j for j in running if j.todo), key=lambda j: j.t_placed)
+        # A prompt nothing of which is read yet goes first: its first chunk (prefill_chunk cells)
+        # is this step's batch, and the streams' tokens wait for the next step (on a compute-bound CPU they would
+        # have cost as much inside this step: their next token comes no later, and the new
+        # reply's first token, for a prompt that fits in one chunk, comes a k-token step sooner).
+        # Never two such steps in a row, so a flood of new requests cannot stall the streams.
+        fresh = self.first_chunk_first and any(not j.read_started for j in reading) and not self._held
+        if streaming and fresh:
+            streaming = []
+            self._held = True
+        else:
+            self._held = False
         budget = self.llm.n_batch - len(streaming)
-        chunk = min(budget, self.prefill_chunk) if streaming else budget
+        chunk = min(budget, self.prefill_chunk) if streaming or self._held else budget
         runs, owners = [(j.seq, [j.next_token], True) for j in streaming], list(streaming)
         media: list[Job] = []
         for job in reading:
@@ -174,6 +190,7 @@ class Scheduler:
                 media.append(job)
                 continue
             job.todo = job.todo[len(run):]
+            job.read_started = True
             runs.append((job.seq, run, not job.todo))
             owners.append(job)
             chunk -= len(run)
@@ -193,6 +210,7 @@ class Scheduler:
                 break
             run = split_runs(job.todo[:chunk])[0][1]
             job.todo = job.todo[len(run):]
+            job.read_started = True
             chunk -= len(run)
             try:
                 self.llm.decode_media(run, job.fill, not job.todo, job.seq)

@@ -42,6 +42,7 @@ class Job:
         self.submitted = False
         self.seq: int | None = None
         self.todo: list = []                 # prompt cells still to decode
+        self.read_started = False            # a chunk of the prompt went into a step
         self.prefilled = False
         self.next_token: int | None = None   # sampled, to be decoded in the next step
         self.sampler = None

@@ -76,6 +76,39 @@ def test_a_new_prompt_is_read_in_chunks_between_stream_tokens(bundle, photos):
         assert len(first.result().token_ids) == 60
 
 
+def test_a_new_prompts_first_chunk_goes_in_the_next_step_alone(bundle):
+    """A new prompt is placed and its first chunk read in the very next step, ahead of the
+    streams' tokens (they wait one step, never two in a row); later chunks share steps."""
+    from scops.runtime.session import Session
+    with Session.open(bundle("Q4_K_M"), n_ctx=512, parallel=3, prefill_chunk=4) as s:
+        a = s.chat().send("Tell me a story.", **greedy(40)).start()
+        b = s.chat().send("Tell me another story.", **greedy(40)).start()
+        next(a), next(b)
+        while b._job.todo:
+            s.scheduler.pump()
+        s.scheduler.pump()
+        tokens = lambda: (len(a.token_ids), len(b.token_ids))
+        new = s.chat().send("A new question of some length, long enough for several chunks?", **greedy(3)).start()
+        job = new._job
+        n0, steps = tokens(), s.scheduler.steps
+        s.scheduler.pump()
+        assert s.scheduler.steps == steps + 1 and job.read_started
+        assert len(job.todo) == job.timings["decoded_cells"] - 4      # its first chunk was read...
+        assert tokens() == n0                                          # ...alone: the streams waited
+        s.scheduler.pump()
+        assert tokens() == (n0[0] + 1, n0[1] + 1)                      # and came next, with chunk 2
+        assert len(job.todo) == job.timings["decoded_cells"] - 8
+        assert new.result().finish_reason == "length" and len(a.result().token_ids) == 40
+        s.scheduler.first_chunk_first = False                          # the other order, for contrast
+        c = s.chat().send("Tell me a story.", **greedy(10)).start()
+        next(c)
+        other = s.chat().send("Another question?", **greedy(2)).start()
+        n1 = len(c.token_ids)
+        s.scheduler.pump()
+        assert other._job.read_started and len(c.token_ids) == n1 + 1
+        other.result(), c.result()
+
+
 def test_turn_two_goes_back_to_its_slot_and_prefixes_are_shared(bundle, photos):
     from scops.runtime.session import Session
     with Session.open(bundle("Q4_K_M"), n_ctx=512, parallel=2) as s:
