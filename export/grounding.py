@@ -100,8 +100,7 @@ def export_grounding(src: GroundingSources, b, log: Callable[[str], None] = prin
     special = write_bert_tokenizer(src.bert_dir, b.dir / GD_TOKENIZER)
     b.add_file(GD_TOKENIZER, "tokenizer")
     model, cfg = groundingdino.build_groundingdino(src.groundingdino, src.bert_dir)
-    spec = groundingdino.stage_spec(cfg, special, first_word=max(special) + 1 if max(special) + 1 <
-                                    cfg["text"]["vocab_size"] else 0)
+    spec = groundingdino.stage_spec(cfg, special)
     validation[spec.file] = export_and_validate(model, spec, b.dir, log)
     b.add_file(spec.file, "onnx", **spec.describe())
     del model

@@ -198,6 +198,10 @@ class GroundingDinoTraceable(nn.Module):
         self.model = m
         self.class_embed, self.bbox_embed = hf.class_embed, hf.bbox_embed
         self.config = hf.config
+        # export check only (groundingdino.check_stage), never set while tracing: decode from
+        # these encoder cells instead of the top-k, and keep the scores the top-k ranks
+        self.seed_cells: torch.Tensor | None = None
+        self.last_scores: torch.Tensor | None = None
 
     def _levels(self, pixel_values):
         m = self.model
@@ -247,7 +251,10 @@ class GroundingDinoTraceable(nn.Module):
         query = m.enc_output_norm(m.enc_output(vision.masked_fill(~valid, 0.0)))   # invalid cells zeroed
         enc_class = m.encoder_output_class_embed(query, text, text_mask)
         enc_coords = m.encoder_output_bbox_embed(query) + proposals
-        topk = torch.topk(enc_class.max(-1)[0], cfg.num_queries, dim=1)[1]
+        scores = enc_class.max(-1)[0]                                               # [1, N]
+        topk = torch.topk(scores, cfg.num_queries, dim=1)[1] if self.seed_cells is None else self.seed_cells
+        if not torch.jit.is_tracing():
+            self.last_scores = scores
         reference = torch.gather(enc_coords, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).sigmoid()
         target = m.query_position_embeddings.weight.unsqueeze(0).repeat(vision.shape[0], 1, 1)
 
@@ -256,7 +263,8 @@ class GroundingDinoTraceable(nn.Module):
         logits = self.class_embed[-1](vision_hidden_state=hidden, text_hidden_state=text,
                                       text_token_mask=text_mask)
         boxes = (self.bbox_embed[-1](hidden) + inverse_sigmoid(ref_in)).sigmoid()
-        return logits.sigmoid(), boxes        # predict(): outputs["pred_logits"].sigmoid(); 0 past the caption
+        # predict(): outputs["pred_logits"].sigmoid(), 0 past the caption; and each query's seed cell
+        return logits.sigmoid(), boxes, topk
 
     @staticmethod
     def _grid(h, w, like):

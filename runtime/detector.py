@@ -121,7 +121,7 @@ class Detector:
         ids = self.tokens(caption)
         feeds = text_inputs(ids, self.spec["special_ids"], int(self.spec["max_text_len"]))
         feeds["pixel_values"] = prepare_image(rgb, self.spec)
-        probs, boxes = self.session.run(None, feeds)
+        probs, boxes = self.session.run(["probs", "boxes"], feeds)   # by name: query_index is for the export check
         return probs[0], boxes[0], ids
 
     def __call__(self, rgb: np.ndarray, tags) -> list[Detection]:

@@ -55,7 +55,7 @@ def test_detections_are_where_pytorch_puts_them(picture, session, grounding_ckpt
     feeds = det.text_inputs(ids, detector.spec["special_ids"], 256)
     x = torch.from_numpy(det.prepare_image(rgb, detector.spec))
     with torch.no_grad():
-        probs, boxes = model(x, *(torch.from_numpy(feeds[k]) for k in gd.TEXT_INPUTS))
+        probs, boxes, _ = model(x, *(torch.from_numpy(feeds[k]) for k in gd.TEXT_INPUTS))
     ref = det.select(probs[0].numpy(), boxes[0].numpy(), ids, detector.decode, 0.25, 0.2, rgb.shape[:2])
     ref.sort(key=lambda d: -d.score)
     assert [d.phrase for d in g.detections] == [d.phrase for d in ref[:50]]

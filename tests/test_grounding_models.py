@@ -61,6 +61,42 @@ def test_export_validated_every_graph_off_the_traced_shape(manifest):
     assert stages[2]["hole_area"] == 400 and stages[0]["size"] == 384
 
 
+def test_detector_check_follows_onnxruntimes_seeds_only_when_they_are_a_top_k(grounding_ckpt, grounding_bundle,
+                                                                                manifest):
+    """GroundingDINO's queries are seeded by a top-k of encoder scores: near-tied scores may be
+    ranked differently by onnxruntime and PyTorch (it happened at 800 x 1201 with random weights).
+    The export check then decodes in PyTorch from onnxruntime's seeds, and refuses seeds that
+    are not a top-k of PyTorch's scores."""
+    import onnxruntime as ort
+
+    from scops.export import groundingdino as gd
+    from scops.export.fixtures_grounding import BERT_DIR, GD_FILE
+    from scops.export.onnx_stages import reference_outputs
+
+    model, cfg = gd.build_groundingdino(grounding_ckpt / GD_FILE, grounding_ckpt / BERT_DIR)
+    record = manifest["grounding"]["stages"][1]
+    spec = gd.stage_spec(cfg, record["special_ids"])
+    path = grounding_bundle / record["file"]
+    inputs, ref = reference_outputs(model, spec)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    seeds = sess.run(["query_index"], {t.name: a for t, a in zip(spec.inputs, inputs)})[0]
+    assert np.array_equal(seeds, ref[2]) and seeds.shape == (1, cfg["num_queries"])
+    logs = []
+    assert gd.check_stage(model, spec, path, inputs, ref, logs.append) <= 1e-4 and logs == []
+
+    swapped = ref[2].copy()                                   # PyTorch ranked two seeds the other way
+    swapped[0, [3, 4]] = swapped[0, [4, 3]]
+    stale = [r.copy() for r in ref[:2]]
+    stale[0][0, [3, 4]] = stale[0][0, [4, 3]]
+    assert gd.check_stage(model, spec, path, inputs, [*stale, swapped], logs.append) <= 1e-4
+    assert logs and logs[-1].split(":")[1].strip().startswith(f"2 of {cfg['num_queries']} queries")
+
+    model.last_scores = model.last_scores.clone()             # onnxruntime's 1st seed is not a top-k cell
+    model.last_scores[0, int(seeds[0, 0])] -= 10.0
+    with pytest.raises(RuntimeError, match="not PyTorch's top"):
+        gd.check_stage(model, spec, path, inputs, [*stale, swapped], logs.append)
+
+
 def test_tagger_runtime_matches_pytorch(grounding_ckpt, grounding_bundle, photos):
     import onnxruntime as ort
     from PIL import Image
@@ -170,7 +206,7 @@ def test_traceable_detector_equals_hf_forward(grounding_ckpt):
     finally:
         torch.special.logit = logit
     with torch.no_grad():
-        probs, boxes = model(x, *(t[k] for k in gd.TEXT_INPUTS))
+        probs, boxes, _ = model(x, *(t[k] for k in gd.TEXT_INPUTS))
     assert hfm.SPECIAL_TOKENS == [101, 102, 1012, 1029]
     assert torch.allclose(probs, ref.logits.sigmoid(), atol=1e-4)
     assert torch.allclose(boxes, ref.pred_boxes, atol=1e-4)
