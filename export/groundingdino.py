@@ -287,42 +287,73 @@ def stage_spec(cfg: dict, special_ids: list[int]) -> OnnxStageSpec:
         check_sizes={"height": 800, "width": 1201, "text": 17}, make=_check_inputs, compare=check_stage)
 
 
-def check_stage(module, spec: OnnxStageSpec, path: Path, inputs: list, ref: list, log=print) -> float:
-    """onnxruntime vs PyTorch for a graph with a top-k inside. The decoder's 900 queries are seeded
-    by the top-900 of ~20k encoder-cell scores, and query i's content is learned embedding i, so
-    two cells whose scores differ by float rounding (~1e-6 relative: at a 800 x 1201 picture with
-    random weights 3 of the top 900 gaps are under 1e-5) may swap slots, which changes every
-    output. Same order: every output within atol, as any stage. Another order: it must be a
-    top-k of PyTorch's own scores (each seed's score within atol of PyTorch's k-th best, relative
-    to its size), and PyTorch decoding from onnxruntime's seeds must match its outputs within atol."""
+# onnxruntime's fused kernels sum in other orders than PyTorch: at 800 x 1201 with random
+# weights PyTorch fp32 itself is 9.5e-4 off float64 on probs (12 text, 6 fusion and 6 decoder
+# layers) and onnxruntime 2.1e-3, 2.2x; an export defect is orders of magnitude above that
+FLOAT32_ERROR_FACTOR = 4.0
+
+
+def check_stage(module, spec: OnnxStageSpec, path: Path, inputs: list, ref: list, log=print) -> tuple:
+    """onnxruntime vs PyTorch for a graph with a top-k inside, -> (max abs diff, facts).
+
+    Seeds: the decoder's 900 queries are seeded by the top-900 of ~20k encoder-cell scores, and
+    query i's content is learned embedding i, so two cells whose scores differ by float rounding
+    (3 of the top-900 gaps are under 1e-5 at 800 x 1201 with random weights) may swap slots,
+    which changes every output. onnxruntime's seeds must then be a top-k of PyTorch's own scores
+    (each within atol of PyTorch's k-th best, relative to its size), and PyTorch decodes from them.
+    Tolerance: within atol as any stage; past it (deep stacks of large random activations), the
+    outputs are also computed in float64 from the same seeds, and onnxruntime's error against
+    them must stay within FLOAT32_ERROR_FACTOR x PyTorch fp32's own."""
     import numpy as np
     import onnxruntime as ort
-    import torch
 
-    from .onnx_stages import compare_stage
+    from .onnx_stages import max_abs_diff
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got_index = sess.run(["query_index"], {t.name: a for t, a in zip(spec.inputs, inputs)})[0]
-    if np.array_equal(got_index, ref[2]):
-        return compare_stage(spec, path, inputs, ref)
-    scores = module.last_scores[0].numpy().astype(np.float64)                  # PyTorch's [N] scores
-    best = np.sort(scores)[::-1][:got_index.shape[1]]
-    picked = scores[got_index[0]]
-    rank_gap = float(np.max(np.abs(picked - best) / np.maximum(1.0, np.abs(best))))
-    if rank_gap > spec.atol:
-        raise RuntimeError(f"{spec.file}: onnxruntime's top-{len(best)} seeds are not PyTorch's top-"
-                           f"{len(best)} (relative score gap {rank_gap:.3g} > {spec.atol:g})")
-    module.seed_cells = torch.from_numpy(got_index)
+    got = sess.run(None, {t.name: a for t, a in zip(spec.inputs, inputs)})
+    seeds, facts = got[2], {}
+    moved = int(np.sum(seeds != ref[2]))
+    if moved:
+        scores = module.last_scores[0].numpy().astype(np.float64)             # PyTorch's [N] scores
+        best = np.sort(scores)[::-1][:seeds.shape[1]]
+        gap = float(np.max(np.abs(scores[seeds[0]] - best) / np.maximum(1.0, np.abs(best))))
+        if gap > spec.atol:
+            raise RuntimeError(f"{spec.file}: onnxruntime's top-{len(best)} seeds are not PyTorch's top-"
+                               f"{len(best)} (relative score gap {gap:.3g} > {spec.atol:g})")
+        ref = _decode_from(module, inputs, seeds)
+        facts["reseeded_queries"] = moved
+        log(f"  {spec.file}: {moved} of {len(best)} queries seeded in another order by near-tied encoder "
+            f"scores (relative gap <= {gap:.2g}); PyTorch decodes from onnxruntime's seeds")
+    diff = max_abs_diff(spec, ref[:2], got[:2])
+    if diff <= spec.atol:
+        return diff, facts
+    exact = _decode_from(module, inputs, seeds, float64=True)
+    own, ours = max_abs_diff(spec, exact, ref[:2]), max_abs_diff(spec, exact, got[:2])
+    facts["float64"] = {"pytorch_fp32": own, "onnxruntime": ours}
+    log(f"  {spec.file}: max abs diff {diff:.2e} > {spec.atol:g}; against float64: PyTorch fp32 {own:.2e}, "
+        f"onnxruntime {ours:.2e} ({ours / max(own, 1e-30):.2f}x, bound {FLOAT32_ERROR_FACTOR:g}x)")
+    if not np.isfinite(ours) or ours > max(spec.atol, FLOAT32_ERROR_FACTOR * own):
+        raise RuntimeError(f"{spec.file}: ONNX vs PyTorch max abs diff {diff:.3g} > {spec.atol:g}, and "
+                           f"{ours:.3g} against float64, over {FLOAT32_ERROR_FACTOR:g}x PyTorch fp32's {own:.3g}")
+    return diff, facts
+
+
+def _decode_from(module, inputs: list, seeds, float64: bool = False) -> list:
+    """PyTorch's (probs, boxes) decoded from the given seed cells (the module is left as it was)."""
+    import torch
+
+    x = [torch.from_numpy(a) for a in inputs]
+    if float64:
+        module.double()
+        x[0] = x[0].double()                                                   # the picture; ids stay int
+    module.seed_cells = torch.from_numpy(seeds)
     try:
         with torch.no_grad():
-            forced = module(*(torch.from_numpy(a) for a in inputs))
+            out = module(*x)
     finally:
         module.seed_cells = None
-    diff = compare_stage(spec, path, inputs, [r.numpy() for r in forced])
-    moved = int(np.sum(got_index != ref[2]))
-    log(f"  {spec.file}: {moved} of {len(best)} queries seeded in another order by near-tied encoder "
-        f"scores (relative gap <= {rank_gap:.2g}); PyTorch from onnxruntime's seeds: max abs diff {diff:.2e}")
-    return diff
+        module.float()
+    return [t.numpy() for t in out[:2]]
 
 
 def manifest_record(tokenizer_file: str, special_ids: list[int]) -> dict:

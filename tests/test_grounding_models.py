@@ -82,13 +82,15 @@ def test_detector_check_follows_onnxruntimes_seeds_only_when_they_are_a_top_k(gr
     seeds = sess.run(["query_index"], {t.name: a for t, a in zip(spec.inputs, inputs)})[0]
     assert np.array_equal(seeds, ref[2]) and seeds.shape == (1, cfg["num_queries"])
     logs = []
-    assert gd.check_stage(model, spec, path, inputs, ref, logs.append) <= 1e-4 and logs == []
+    assert gd.check_stage(model, spec, path, inputs, ref, logs.append) == (pytest.approx(0, abs=1e-4), {})
+    assert logs == []
 
     swapped = ref[2].copy()                                   # PyTorch ranked two seeds the other way
     swapped[0, [3, 4]] = swapped[0, [4, 3]]
     stale = [r.copy() for r in ref[:2]]
     stale[0][0, [3, 4]] = stale[0][0, [4, 3]]
-    assert gd.check_stage(model, spec, path, inputs, [*stale, swapped], logs.append) <= 1e-4
+    diff, facts = gd.check_stage(model, spec, path, inputs, [*stale, swapped], logs.append)
+    assert diff <= 1e-4 and facts == {"reseeded_queries": 2}
     assert logs and logs[-1].split(":")[1].strip().startswith(f"2 of {cfg['num_queries']} queries")
 
     model.last_scores = model.last_scores.clone()             # onnxruntime's 1st seed is not a top-k cell
