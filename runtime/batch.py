@@ -176,6 +176,7 @@ class Scheduler:
         if streaming and fresh:
             streaming = []
             self._held = True
+            reading.sort(key=lambda j: j.read_started)     # the new prompts' chunks first (stable)
         else:
             self._held = False
         budget = self.llm.n_batch - len(streaming)

@@ -99,6 +99,20 @@ def test_a_new_prompts_first_chunk_goes_in_the_next_step_alone(bundle):
         assert tokens() == (n0[0] + 1, n0[1] + 1)                      # and came next, with chunk 2
         assert len(job.todo) == job.timings["decoded_cells"] - 8
         assert new.result().finish_reason == "length" and len(a.result().token_ids) == 40
+        # a prompt arriving while an older one is still being read: its first chunk still goes first
+        b.result()
+        d = s.chat().send("Tell me a story.", **greedy(30)).start()
+        next(d)
+        older = s.chat().send("An older question that is long enough to need many chunks of four?",
+                              **greedy(2)).start()
+        s.scheduler.pump()
+        s.scheduler.pump()                                             # its first chunk, then a shared step
+        left = len(older._job.todo)
+        assert older._job.read_started and left > 4
+        newer = s.chat().send("And a new one?", **greedy(2)).start()
+        s.scheduler.pump()
+        assert newer._job.read_started and len(older._job.todo) == left
+        older.result(), newer.result(), d.result()
         s.scheduler.first_chunk_first = False                          # the other order, for contrast
         c = s.chat().send("Tell me a story.", **greedy(10)).start()
         next(c)
