@@ -134,14 +134,20 @@ def render_markdown(result: dict, command: str) -> str:
               f"{result['options']['reps']} repetitions after 1 warm-up, {result['options']['tokens']} decode "
               f"tokens (EOS ignored, greedy), {result['options']['threads']} threads; "
               "turn 2 = a text follow-up in the same conversation (KV reused).",
-              _prefix_note(result), "",
-              "| target | ratio | status |", "|---|---:|---|"]
-    for t in result["targets"]:
+              _prefix_note(result), ""]
+    lines += target_table(result["targets"], "ratio")
+    return "\n".join(lines) + "\n"
+
+
+def target_table(targets: list[dict], value_header: str = "value") -> list[str]:
+    """The report's targets as markdown rows: value, pass/miss and by what factor."""
+    lines = [f"| target | {value_header} | status |", "|---|---:|---|"]
+    for t in targets:
         v = "—" if t["value"] is None else f"{t['value']:.3g}"
         status = t["status"] if t["value"] is None else \
             f"{t['status']} ({'margin' if t['status'] == 'pass' else 'short by'} {t['factor']:.2f}x)"
         lines.append(f"| {t['target']} | {v} | {status} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def render_gpu_markdown(result: dict, command: str) -> str:
@@ -161,12 +167,7 @@ def render_gpu_markdown(result: dict, command: str) -> str:
               "(EOS ignored, greedy); answer = image in -> last token out.", _prefix_note(result)]
     for system, why in result.get("not_measured", {}).items():
         lines.append(f"Not measured: {system} ({why})")
-    lines += ["", "| target | value | status |", "|---|---:|---|"]
-    for t in result["targets"]:
-        v = "—" if t["value"] is None else f"{t['value']:.3g}"
-        status = t["status"] if t["value"] is None else \
-            f"{t['status']} ({'margin' if t['status'] == 'pass' else 'short by'} {t['factor']:.2f}x)"
-        lines.append(f"| {t['target']} | {v} | {status} |")
+    lines += [""] + target_table(result["targets"])
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .report import target_table
+
 
 def render_markdown(result: dict, command: str) -> str:
     m, b = result["machine"], result["burst"]
@@ -44,13 +46,8 @@ def render_markdown(result: dict, command: str) -> str:
               f"{b['idle_rss'] / 2**20:.0f} MiB, peak {b['peak_rss'] / 2**20:.0f} MiB "
               f"(+{b['peak_over_idle'] / 2**20:.0f} MiB), after {b['after_rss'] / 2**20:.0f} MiB "
               f"(+{b['after_over_idle'] / 2**20:.0f} MiB); answers: "
-              + ", ".join(f"{s} x{b['statuses'].count(s)}" for s in sorted(set(b["statuses"]))), "",
-              "| target | ratio | status |", "|---|---:|---|"]
-    for tg in result["targets"]:
-        v = "—" if tg["value"] is None else f"{tg['value']:.3g}"
-        status = tg["status"] if tg["value"] is None else \
-            f"{tg['status']} ({'margin' if tg['status'] == 'pass' else 'short by'} {tg['factor']:.2f}x)"
-        lines.append(f"| {tg['target']} | {v} | {status} |")
+              + ", ".join(f"{s} x{b['statuses'].count(s)}" for s in sorted(set(b["statuses"]))), ""]
+    lines += target_table(result["targets"], "ratio")
     return "\n".join(lines) + "\n"
 
 
