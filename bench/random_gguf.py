@@ -26,7 +26,6 @@ quantized blocks themselves, tensor by tensor (peak memory: the largest tensor's
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -34,7 +33,7 @@ import numpy as np
 
 from scops.export.bundle import atomic_file
 from scops.export.llm_gguf import (FILE_TYPES, _LAYER_TENSORS, _pad_vocab, add_metadata, load_text_config,
-                                   read_sentencepiece_vocab)
+                                   read_sentencepiece_vocab, write_streamed)
 
 QK_K = 256                 # k-quant super-block: 256 weights
 # Block layouts (ggml-common.h):
@@ -130,23 +129,14 @@ def write_random_q4_k_m(config: Mapping[str, Any], tokenizer_model: Path | str, 
                     writer.add_tensor_info(gg_name, (shape[0], row), np.dtype(np.uint8), shape[0] * row,
                                            raw_dtype=gguf.GGMLQuantizationType[qtype])
             add_metadata(writer, cfg, name, FILE_TYPES["Q4_K_M"], (tokens, scores, types, specials))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for i, (gg_name, shape, qtype, std) in enumerate(plan):
+
+            def make(i: int) -> np.ndarray:
+                _, shape, qtype, std = plan[i]
                 if qtype == "F32":
-                    data = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-                else:
-                    # [rows, cols] -> [rows * cols / 256 blocks, block bytes] -> [rows, row bytes]
-                    blocks = random_blocks(rng, int(np.prod(shape)) // QK_K, qtype, std)
-                    data = blocks.reshape(shape[0], -1)
-                writer.write_tensor_data(data)
-                del data
-                if progress is not None:
-                    progress(i, len(plan), gg_name)
-            writer.flush()
-            for f in writer.fout or ():
-                os.fsync(f.fileno())
+                    return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+                # [rows, cols] -> [rows * cols / 256 blocks, block bytes] -> [rows, row bytes]
+                return random_blocks(rng, int(np.prod(shape)) // QK_K, qtype, std).reshape(shape[0], -1)
+            write_streamed(writer, [gg_name for gg_name, _, _, _ in plan], make, progress)
         finally:
             writer.close()
     counts: dict[str, int] = {}

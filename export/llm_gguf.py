@@ -283,22 +283,34 @@ def _write_all(writer: Any, cfg: Mapping[str, Any], name: str, dtype: str, out_d
         writer.add_tensor_info(gg_name, shape, target, nbytes)
         total += nbytes
     add_metadata(writer, cfg, name, FILE_TYPES[dtype.upper()], vocab)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for i, (hf_name, gg_name, rotary) in enumerate(plan):
+
+    def make(i: int) -> np.ndarray:
+        hf_name, _, rotary = plan[i]
         w = index.load(hf_name)
         if adjust is not None:
             w = adjust(hf_name, w)
-        data = convert_tensor(w, rotary, cfg, out_dtype)
+        return convert_tensor(w, rotary, cfg, out_dtype)
+    write_streamed(writer, [gg_name for _, gg_name, _ in plan], make, progress)
+    return total
+
+
+def write_streamed(writer: Any, names: list[str], make: Callable[[int], np.ndarray],
+                   progress: ProgressFn | None = None) -> None:
+    """Header, metadata and tensor table (all declared), then tensor i's data from make(i), one
+    tensor in memory at a time; flushed and fsynced. The twin writers of llm_gguf and
+    bench/random_gguf share it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for i, gg_name in enumerate(names):
+        data = make(i)
         writer.write_tensor_data(data)
         del data
         if progress is not None:
-            progress(i, len(plan), gg_name)
+            progress(i, len(names), gg_name)
     writer.flush()
     for f in writer.fout or ():
         os.fsync(f.fileno())
-    return total
 
 
 def quantize_gguf(in_path: Path | str, out_path: Path | str, qtype: str = "Q4_K_M", threads: int = 0) -> None:
