@@ -13,20 +13,9 @@ import numpy as np
 import openai
 import pytest
 from test_server import post as post_raw
-from test_server import running
+from test_server import data_url, running
 
 WAIT_S = 120
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_url(rgb: np.ndarray) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(rgb)).decode()
 
 
 def decode_png(b64: str) -> np.ndarray:
