@@ -9,33 +9,19 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 
-import numpy as np
 import pytest
 
 import openai
 from grounding_helpers import BOX, SPAN, plant_lego
+from test_server import _wav, data_url
 
 WAIT_S = 120
 
 
-def data_url(rgb: np.ndarray) -> str:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def wav_part(seconds: float, rate: int = 16000) -> dict:
-    import wave
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(bytes(2 * int(rate * seconds)))
-    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(buf.getvalue()).decode(), "format": "wav"}}
+    wav = _wav(seconds, rate)
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
 
 
 @contextlib.contextmanager
