@@ -8,7 +8,10 @@ same threads): each of k sequences holds a short prompt, then steps of one token
 k = 1, 2, 4, ... sequences are timed, interleaved so that drifting machine load hits all k
 alike, plus a text chunk (a new prompt's cells) alone and with the k-token step. The server
 cannot do better than `k / step_ms(k)` tokens/s at k streams, so `tok_s(4) / tok_s(1)` here
-bounds its `decode_4_vs_1`. Prints one JSON object.
+bounds its `decode_4_vs_1`. A wide chunk (WIDE cells) gives the lowest cost per cell llama.cpp
+reaches here: k tokens cannot cost less than k of those, nor less than one token's step, so
+`decode_bound` = k * t(1) / max(t(1), k * t_cell) bounds what any batching gains on this CPU.
+Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import numpy as np
 
 PROMPT_CELLS = 60            # what a served conversation holds: system prompt + a question
 CHUNK = 20                   # a short text turn's new cells (the bench's probe is ~15-20)
+WIDE = 64                    # cells of a batch wide enough that matmuls run at their best rate per cell
 WARMUP = 2
 
 
@@ -40,6 +44,7 @@ def measure_ceiling(gguf: str, threads: int, n_seq: int, n_ctx: int, ks=(1, 2, 4
         chunk = [(chunk_seq, [tok(700 + i) for i in range(CHUNK)], True)]
         plan = {f"{k}": [(s, [tok(500 + s)], True) for s in range(k)] for k in ks}
         plan["chunk"] = chunk
+        plan["wide"] = [(chunk_seq, [tok(900 + i) for i in range(WIDE)], True)]
         plan[f"{max(ks)}+chunk"] = plan[f"{max(ks)}"] + chunk
         times: dict = {name: [] for name in plan}
         for r in range(WARMUP + reps):
@@ -55,7 +60,10 @@ def measure_ceiling(gguf: str, threads: int, n_seq: int, n_ctx: int, ks=(1, 2, 4
         llm.close()
     p50 = {name: float(np.percentile(v, 50)) for name, v in times.items()}
     tok_s = {k: k / p50[f"{k}"] * 1e3 for k in ks}
+    cell_ms = p50["wide"] / WIDE
+    bound = {str(k): k * p50["1"] / max(p50["1"], k * cell_ms) for k in ks}
     return {"gguf": gguf, "threads": threads, "n_seq": n_seq, "n_ctx": n_ctx, "reps": reps, "chunk_cells": CHUNK,
+            "wide_cells": WIDE, "cell_ms": cell_ms, "decode_bound": bound,
             "step_ms_p50": p50, "step_ms": times, "tok_s": {str(k): v for k, v in tok_s.items()},
             "decode_max_vs_1": tok_s[max(ks)] / tok_s[1],
             "load_avg_1m": round(os.getloadavg()[0], 2)}

@@ -174,7 +174,7 @@ def server_side(streams: list) -> dict:
     """p50 of what the server says about requests: its own TTFT (from the request's arrival at
     the scheduler), time queued for a slot, prefill, and the cells it decoded."""
     out = {}
-    for key in ("ttft_ms", "queue_ms", "prefill_ms", "encode_ms", "preprocess_ms"):
+    for key in ("arrival_ttft_ms", "ttft_ms", "queue_ms", "prefill_ms", "encode_ms", "preprocess_ms"):
         v = [s.server.get("timings", {}).get(key) for s in streams]
         if v and all(x is not None for x in v):
             out[key] = float(np.percentile(v, 50))
@@ -203,7 +203,15 @@ def measure_level(client, c: int, o: ServeBenchOptions, log: Log) -> dict:
         ends = [s.times[min(m + o.tokens, len(s.times)) - 1] for s, m in zip(streams, marks)]
         got = [min(o.tokens, len(s.times) - m) for s, m in zip(streams, marks)]
         agg = sum(got) / (max(ends) - t0) if c else 0.0
-        probes = [probe(client, [{"role": "user", "content": f"{PROBE} ({c}.{r})"}]) for r in range(o.reps)]
+        # A probe sent as soon as the previous one's first token came would arrive just as the
+        # streams' next step starts (that token ends the step the probe had to itself), and wait
+        # all of it; a user's request comes at any point of the server's step: each probe first
+        # waits a random fraction of the streams' time per token.
+        rng, period = np.random.default_rng(c), token_interval(streams)
+        probes = []
+        for r in range(o.reps):
+            time.sleep(rng.uniform(0.0, period))
+            probes.append(probe(client, [{"role": "user", "content": f"{PROBE} ({c}.{r})"}]))
         ttft = [p.ttft() for p in probes]
         if c and not all(s.is_alive() for s in streams):
             log(f"  warning: a stream ended before the probes did (raise --tokens headroom)")
@@ -215,6 +223,12 @@ def measure_level(client, c: int, o: ServeBenchOptions, log: Log) -> dict:
     return {"concurrency": c, "decode_tok_s": agg, "per_stream_tok_s": agg / c if c else 0.0,
             "ttft_ms": ttft, "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p90": float(np.percentile(ttft, 90)),
             "server_p50": server_side(probes)}
+
+
+def token_interval(streams: list) -> float:
+    """Median seconds between two tokens of the streams (the server's step period); 0 for none."""
+    gaps = [b - a for s in streams for a, b in zip(s.times, s.times[1:])]
+    return float(np.median(gaps)) if gaps else 0.0
 
 
 def data_url(rgb: np.ndarray) -> str:

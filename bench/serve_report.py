@@ -14,16 +14,19 @@ def render_markdown(result: dict, command: str) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM "
              f"(1-min load average at start: {m['load_avg_1m']})", "",
              "| streams | decode tok/s (all) | per stream | text-turn TTFT p50 ms | p90 ms "
-             "| server: TTFT p50 ms | queued | prefill | cells decoded |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| server: from arrival | from submit | queued | prefill | cells decoded |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in result["levels"]:
         sv = lv.get("server_p50", {})
         lines.append(f"| {lv['concurrency']} | {lv['decode_tok_s']:.1f} | {lv['per_stream_tok_s']:.1f} | "
                      f"{lv['ttft_p50']:.1f} | {lv['ttft_p90']:.1f} | " + " | ".join(
-                         _num(sv.get(k)) for k in ("ttft_ms", "queue_ms", "prefill_ms", "decoded_cells")) + " |")
+                         _num(sv.get(k)) for k in ("arrival_ttft_ms", "ttft_ms", "queue_ms", "prefill_ms",
+                                                   "decoded_cells")) + " |")
     lines += ["", "Server columns: what the server reports in the finish chunk's `scops.timings` (p50 over the "
-                  "probes): its TTFT counts from the request's arrival at the engine (parsed, media prepared) to "
-                  "the first token sampled; the client's TTFT adds HTTP, JSON and the client's own threads."]
+                  "probes), in ms: TTFT from the request's arrival (headers read) to its first token sampled; "
+                  "TTFT from its submission to the scheduler (parsed, media prepared, conversation built); time "
+                  "queued (waiting for the step in progress and for a slot); prefill. The client's TTFT adds "
+                  "HTTP, JSON and the client's own threads."]
     c = result.get("ceiling")
     if c:
         ks = list(c["tok_s"])
@@ -38,6 +41,15 @@ def render_markdown(result: dict, command: str) -> str:
         last = f"{ks[-1]}+chunk"
         if last in c["step_ms_p50"]:
             lines.append(f"| 1 token of {ks[-1]} sequences + the chunk | {c['step_ms_p50'][last]:.1f} | | |")
+        if "wide" in c["step_ms_p50"]:
+            lines.append(f"| a {c['wide_cells']}-cell chunk alone | {c['step_ms_p50']['wide']:.1f} | "
+                         f"{1e3 / c['cell_ms']:.1f} | |")
+            k = ks[-1]
+            lines += ["", f"The wide chunk is llama.cpp's lowest cost per cell here ({c['cell_ms']:.1f} ms). "
+                          f"{k} tokens cannot cost less than {k} such cells, nor less than one token's step, so "
+                          f"batching {k} streams gains at most {k} x {c['step_ms_p50']['1']:.1f} / "
+                          f"max({c['step_ms_p50']['1']:.1f}, {k} x {c['cell_ms']:.1f}) = "
+                          f"**{c['decode_bound'][k]:.2f}x** on this CPU, whatever the server does."]
     t = result["turns"]
     lines += ["", f"Turn 1 (picture + question) TTFT p50 {t['turn1_p50']:.1f} ms; turn 2 (text follow-up, same "
                   f"conversation) {t['turn2_p50']:.1f} ms." + _turn_server(t),
@@ -59,8 +71,9 @@ def _turn_server(t: dict) -> str:
     one, two = t.get("turn1_server_p50", {}), t.get("turn2_server_p50", {})
     if "ttft_ms" not in one or "ttft_ms" not in two:
         return ""
-    return (f" Server side (p50): turn 1 {one['ttft_ms']:.1f} ms ({_num(one.get('decoded_cells'))} cells decoded, "
-            f"encode {_num(one.get('encode_ms'))} ms), turn 2 {two['ttft_ms']:.1f} ms "
+    key = "arrival_ttft_ms" if "arrival_ttft_ms" in one and "arrival_ttft_ms" in two else "ttft_ms"
+    return (f" Server side (p50, from arrival): turn 1 {one[key]:.1f} ms ({_num(one.get('decoded_cells'))} cells "
+            f"decoded, encode {_num(one.get('encode_ms'))} ms), turn 2 {two[key]:.1f} ms "
             f"({_num(two.get('decoded_cells'))} cells decoded, preprocess {_num(two.get('preprocess_ms'))} ms, "
             f"encode {_num(two.get('encode_ms'))} ms).")
 

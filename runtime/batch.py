@@ -44,6 +44,13 @@ DEFAULT_PREFILL_CHUNK = 128
 BORROW_WAIT_S = 120.0
 BORROW_POLL_S = 0.25         # how often a waiting borrower checks whether it was cancelled
 
+# How long a thread that releases `lock` waits for the threads queued on it to take it.
+# CPython's Lock is not fair: the engine thread released it between two steps and took it
+# again before a woken waiter ran, so a request's `submit` waited out several steps
+# (measured in `scops serve` with 4 streams on 2 cores: 0.3-1.6 s, against 5 ms idle).
+# Bounded, so that a waiter that never gets the CPU cannot stall the steps.
+HANDOFF_S = 0.05
+
 
 class SessionClosed(ScopsError):
     """A reply was read after its session was closed."""
@@ -61,9 +68,11 @@ class Scheduler:
     def __init__(self, llm, snapshots: int = 0, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  first_chunk_first: bool = True):
         self.llm = llm
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()                     # held by a step; taken in turn (see `_turn`)
         self.wake = threading.Condition(self.lock)       # notified when work arrives
-        self.freed = threading.Condition(self.lock)      # notified when a slot is given back
+        self.freed = threading.Event()                   # set when a slot is given back
+        self._queue = threading.Condition()              # who waits for `lock`, and who got it
+        self._contenders = self._entered = 0
         self.borrowers = 0                               # waiting in `borrow`: they go before new replies
         self.slots = [Slot(s) for s in range(llm.n_seq)]
         self.waiting: deque[Job] = deque()
@@ -77,10 +86,11 @@ class Scheduler:
 
     # ---- called from any thread -----------------------------------------------------------
     def submit(self, job: Job) -> None:
-        with self.lock:
+        now = time.perf_counter()                 # waiting for the step in progress counts as queued
+        with self._turn():
             if job.submitted:
                 return
-            job.submitted, job.t_submit = True, time.perf_counter()
+            job.submitted, job.t_submit = True, now
             if self.closed:
                 job.finish("error", SessionClosed("the session is closed"))
                 return
@@ -89,20 +99,20 @@ class Scheduler:
 
     def pump(self, job: Job | None = None) -> None:
         """One step, unless `job` already has something to read (another thread's step)."""
-        with self.lock:
+        with self._turn():
             if job is None or not job.has_output():
                 self._step()
 
     def cancel(self, job: Job) -> None:
         """End a job now (its slot is free when this returns)."""
-        with self.lock:
+        with self._turn():
             if job in self.waiting:
                 self.waiting.remove(job)
             self._finish(job, "cancelled")
 
     def close(self) -> None:
         """Cancel every job; nothing runs on the Llm after this returns."""
-        with self.lock:
+        with self._turn():
             for job in list(self.waiting) + [s.job for s in self.slots if s.job is not None]:
                 if job in self.waiting:
                     self.waiting.remove(job)
@@ -117,7 +127,7 @@ class Scheduler:
         `timeout` seconds it raises SlotsBusy, and it gives up with SessionClosed when the
         session closes or `cancelled()` turns true. A running reply is never cancelled for it."""
         deadline = time.monotonic() + timeout
-        with self.lock:
+        with self._turn():
             self.borrowers += 1
             try:
                 while not self.closed and all(s.job is not None for s in self.slots):
@@ -127,7 +137,12 @@ class Scheduler:
                                         f"{timeout:g} s; retry later")
                     if cancelled is not None and cancelled():
                         raise SessionClosed("cancelled while waiting for a free sequence")
-                    self.freed.wait(min(left, BORROW_POLL_S))
+                    self.freed.clear()
+                    self._release()               # steps go on meanwhile
+                    try:
+                        self.freed.wait(min(left, BORROW_POLL_S))
+                    finally:
+                        self._acquire()
             finally:
                 self.borrowers -= 1
             if self.closed:
@@ -138,6 +153,32 @@ class Scheduler:
 
     def busy(self) -> bool:
         return bool(self.waiting) or any(s.job is not None for s in self.slots)
+
+    # ---- the lock, taken in turn ----------------------------------------------------------------
+    def _acquire(self) -> None:
+        with self._queue:
+            self._contenders += 1
+        self.lock.acquire()
+        with self._queue:
+            self._contenders -= 1
+            self._entered += 1
+            self._queue.notify_all()
+
+    def _release(self) -> None:
+        """Release `lock`; if others wait for it, let each of them take it before going on."""
+        self.lock.release()
+        with self._queue:
+            if self._contenders:
+                turn = self._entered + self._contenders
+                self._queue.wait_for(lambda: self._entered >= turn, HANDOFF_S)
+
+    @contextlib.contextmanager
+    def _turn(self):
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
 
     def wait_for_work(self, timeout: float) -> bool:
         with self.wake:
@@ -268,5 +309,5 @@ class Scheduler:
         for slot in self.slots:
             if slot.job is job:
                 slot.job, slot.last_used = None, self.steps
-                self.freed.notify_all()
+                self.freed.set()
         job.finish(reason, error)

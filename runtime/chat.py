@@ -348,6 +348,7 @@ class Reply:
 
     finish_reason = property(lambda self: self._job.finish_reason)
     timings = property(lambda self: self._job.timings)
+    first_token_at = property(lambda self: self._job.t_first)     # time.perf_counter() of the first token
     snapshot_restored = property(lambda self: self._job.snapshot_restored)
     error = property(lambda self: self._job.error)
 

@@ -171,6 +171,7 @@ class Server:
                         media_type="application/json")
 
     async def chat(self, request: Request) -> Response:
+        arrival = time.perf_counter()        # the request's headers are in: its TTFT counts from here
         raw = await self.read_body(request)
         self.engine.admit()
         outcome = "failed"                   # what the place in the queue ends as (see Engine.counts)
@@ -190,7 +191,7 @@ class Server:
             cid, model = make_completion_id(), req.model or self.model_id
             if req.stream:
                 outcome = None               # the stream gives its place back when it ends
-                return _Stream(self.events(reply, ready, req, cid, model), self.finish(request, reply),
+                return _Stream(self.events(reply, ready, req, cid, model, arrival), self.finish(request, reply),
                                sep="\n", send_timeout=self.opts.client_timeout_s,
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             if not await wait_unless_gone(request, reply, ready):
@@ -200,7 +201,7 @@ class Server:
                 raise reply.error
             outcome = "cancelled" if reply.finish_reason == "cancelled" else "served"
             grounding, extra = await self.ground(reply)
-            usage, info = summarize(reply, extra)
+            usage, info = summarize(reply, extra, arrival)
             request.state.note = describe(reply)
             body = build_completion(cid, model, reply.text, reply.finish_reason, usage, info, grounding)
             return Response(body.model_dump_json(), media_type="application/json")
@@ -211,7 +212,7 @@ class Server:
             if outcome is not None:
                 self.engine.release(outcome)
 
-    async def events(self, reply, ready: asyncio.Event, req: ChatRequest, cid: str, model: str):
+    async def events(self, reply, ready: asyncio.Event, req: ChatRequest, cid: str, model: str, arrival: float):
         """The SSE stream: a role chunk, one chunk per piece, the finish chunk (usage, scops)."""
         yield build_chunk(cid, model, Delta(role="assistant", content=""))
         while True:
@@ -227,7 +228,7 @@ class Server:
             yield json.dumps(ApiError(500, "internal error", type="server_error", code="internal_error").body())
             return
         grounding, extra = await self.ground(reply)
-        usage, info = summarize(reply, extra)
+        usage, info = summarize(reply, extra, arrival)
         delta = Delta() if grounding is None else Delta(grounding=grounding)
         yield build_chunk(cid, model, delta, reply.finish_reason, usage, info)
         if req.include_usage:
@@ -327,10 +328,15 @@ async def wait_unless_gone(request: Request, reply, ready: asyncio.Event) -> boo
         watcher.cancel()
 
 
-def summarize(reply, extra: dict | None = None) -> tuple[Usage, ScopsInfo]:
+def summarize(reply, extra: dict | None = None, arrival: float | None = None) -> tuple[Usage, ScopsInfo]:
+    """The reply's usage and scops extras. Its timings are the Python API's (`ttft_ms` from
+    the conversation's send), plus `arrival_ttft_ms`: from the request's arrival (headers read)
+    to its first token, which adds reading and parsing the body and decoding its media."""
     t = reply.timings
     timings = {k: round(t[k], 2) for k in ("preprocess_ms", "encode_ms", "queue_ms", "prefill_ms", "ttft_ms",
                                              "decode_tok_s") if k in t}
+    if arrival is not None and reply.first_token_at is not None:
+        timings["arrival_ttft_ms"] = round((reply.first_token_at - arrival) * 1e3, 2)
     prompt, completion = len(reply.cells), len(reply.token_ids)
     usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
     return usage, ScopsInfo(timings=timings, reused_cells=t.get("reused_cells", 0),

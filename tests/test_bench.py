@@ -61,8 +61,9 @@ def test_bench_serve_tiny(tmp_path, monkeypatch, capsys, bench_cache):
                "--burst", "2x2x800", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "| streams | decode tok/s (all) | per stream | text-turn TTFT p50 ms | p90 ms | server: TTFT" in printed
+    assert "| streams | decode tok/s (all) | per stream | text-turn TTFT p50 ms | p90 ms | server: from arrival" in printed
     assert "| 1 token of 4 sequence(s) |" in printed                   # the raw llama_decode ceiling
+    assert "batching 4 streams gains at most" in printed               # and the bound from its widest chunk
     assert "reproduce: scops bench --serve --shape tiny --concurrency 1,4 --reps 2 --tokens 6" in printed
     report = json.loads((out / "report.json").read_text())
     assert [lv["concurrency"] for lv in report["levels"]] == [0, 1, 4] and report["parallel"] == 5
@@ -71,9 +72,13 @@ def test_bench_serve_tiny(tmp_path, monkeypatch, capsys, bench_cache):
         assert (lv["decode_tok_s"] > 0) == (lv["concurrency"] > 0)
         # the server's own account of each probe: a short text turn, decoded past the system prompt
         assert 0 < lv["server_p50"]["decoded_cells"] < 40 and lv["server_p50"]["ttft_ms"] > 0
+        assert lv["server_p50"]["arrival_ttft_ms"] >= lv["server_p50"]["ttft_ms"]
     ceiling = report["ceiling"]
     assert set(ceiling["tok_s"]) == {"1", "4"} and ceiling["n_seq"] == 5 and ceiling["threads"] >= 1
     assert all(len(v) == ceiling["reps"] for v in ceiling["step_ms"].values())
+    # k tokens cost at least k cells at the wide chunk's rate and at least one token's step
+    t1, cell = ceiling["step_ms_p50"]["1"], ceiling["step_ms_p50"]["wide"] / ceiling["wide_cells"]
+    assert ceiling["decode_bound"]["4"] == pytest.approx(4 * t1 / max(t1, 4 * cell))
     turns = report["turns"]
     assert turns["turn2_server_p50"]["decoded_cells"] < turns["turn1_server_p50"]["decoded_cells"]
     for key in ("decode_4_vs_1", "ttft_loaded_vs_idle", "turn2_vs_turn1"):

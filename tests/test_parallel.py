@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 
 import pytest
 
@@ -253,3 +254,38 @@ def test_replies_after_the_session_closed(bundle):
     assert running.finish_reason == "cancelled"
     with pytest.raises(SessionClosed, match="closed"):
         next(later)
+
+
+def test_a_request_gets_the_lock_between_two_steps_of_a_busy_engine(bundle):
+    """`scops serve`'s engine thread steps back to back while replies stream; a request
+    submitted from another thread waits for the step in progress only, not for every step
+    until the lock happens to come free (CPython's Lock is not fair: that took 0.3-1.6 s)."""
+    from scops.runtime.session import Session
+    with Session.open(bundle("Q4_K_M"), n_ctx=512, parallel=3) as s:
+        sched, decode = s.scheduler, s.llm.decode_step
+
+        def slow_step(runs):                      # a step as long as a CPU's, GIL released meanwhile
+            time.sleep(0.02)
+            return decode(runs)
+        s.llm.decode_step = slow_step
+        stream = s.chat().send("Tell me a story.", **greedy(400)).start()
+        stop = threading.Event()
+
+        def engine():
+            while not stop.is_set() and not stream.finished:
+                sched.pump()
+        t = threading.Thread(target=engine)
+        t.start()
+        try:
+            waited = []
+            for i in range(6):
+                reply = s.chat().send(f"Question {i}?", **greedy(1))
+                before = sched.steps
+                reply.start()                     # takes the lock to queue the job
+                waited.append(sched.steps - before)
+                reply.result()
+            assert not stream.finished            # every submit met a busy engine
+        finally:
+            stop.set()
+            t.join(30)
+        assert max(waited) <= 1, waited

@@ -89,7 +89,10 @@ def test_answer_and_stream_with_an_image(server, photos):
     assert r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.prompt_tokens > 32                    # 32 image rows + the text
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    assert {"prefill_ms", "ttft_ms", "queue_ms"} <= set(r.scops["timings"])
+    t = r.scops["timings"]
+    assert {"prefill_ms", "ttft_ms", "queue_ms", "arrival_ttft_ms"} <= set(t)
+    # from the request's arrival: reading and parsing it came before the conversation's send
+    assert t["arrival_ttft_ms"] >= t["ttft_ms"]
     chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -98,6 +101,7 @@ def test_answer_and_stream_with_an_image(server, photos):
     last = [ch for ch in chunks if ch.choices][-1]
     assert last.choices[0].finish_reason == r.choices[0].finish_reason
     assert last.scops["reused_cells"] >= r.usage.prompt_tokens - 1    # the same prompt: all from the KV
+    assert last.scops["timings"]["arrival_ttft_ms"] > 0
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
