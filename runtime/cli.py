@@ -347,13 +347,32 @@ def _add_optional_commands(sub) -> None:
     add_imagine_parser(sub)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes. A handler bound to the stream at
+    setup writes on into it after it was replaced and closed (a test harness capturing output:
+    the server's threads then logged "I/O operation on closed file")."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:      # StreamHandler.__init__ sets it: sys.stderr is looked up instead
+        pass
+
+
+def install_log_handler() -> logging.Logger:
     logger = logging.getLogger("scops")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("scops: %(message)s"))
         logger.addHandler(handler)
+    return logger
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logger = install_log_handler()
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.fn(args)

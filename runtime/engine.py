@@ -95,7 +95,7 @@ class Engine:
         key = sent_key(spec)
         if key is not None and (hit := self._cached(key)) is not None:
             return hit
-        data = decode_media(spec, self.limits, fetch_remote)
+        data = decode_media(spec, self.limits, lambda url: fetch_remote(url, what=f"remote {spec.modality}"))
         try:
             prepared = self.session.prepare_media(spec.modality, data)
         except ScopsError as e:
@@ -180,31 +180,36 @@ def sent_key(spec: MediaSpec) -> str | None:
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, what: str):
+        self.what = what
+
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if not newurl.startswith(("http://", "https://")):
-            raise ApiError(400, "remote image redirected to a non-http(s) URL", code="invalid_media")
+            raise ApiError(400, f"{self.what} redirected to a non-http(s) URL", code="invalid_media")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def fetch_remote(url: str, limit: int = REMOTE_MAX_BYTES, timeout: float = REMOTE_TIMEOUT_S) -> bytes:
-    """GET an http(s) image with a size limit and a whole-download deadline."""
+def fetch_remote(url: str, limit: int = REMOTE_MAX_BYTES, timeout: float = REMOTE_TIMEOUT_S,
+                 what: str = "remote image") -> bytes:
+    """GET an http(s) picture or clip (`what` names it in errors) with a size limit and a
+    whole-download deadline."""
     host = urlsplit(url).hostname or "?"
     deadline = time.monotonic() + timeout
-    opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    opener = urllib.request.build_opener(_HttpOnlyRedirects(what))
     chunks, size = [], 0
     try:
         with opener.open(urllib.request.Request(url, headers={"User-Agent": "scops"}), timeout=timeout) as r:
             while block := r.read(64 << 10):
                 size += len(block)
                 if size > limit:
-                    raise ApiError(400, f"remote image from {host} is over {limit >> 20} MiB", code="media_too_large")
+                    raise ApiError(400, f"{what} from {host} is over {limit >> 20} MiB", code="media_too_large")
                 if time.monotonic() > deadline:
-                    raise ApiError(400, f"remote image from {host} took over {timeout:g} s", code="media_timeout")
+                    raise ApiError(400, f"{what} from {host} took over {timeout:g} s", code="media_timeout")
                 chunks.append(block)
     except ApiError:
         raise
     except (OSError, ValueError, http.client.HTTPException) as e:
-        raise ApiError(400, f"could not fetch the remote image from {host} ({e})", code="media_unreachable") from None
+        raise ApiError(400, f"could not fetch the {what} from {host} ({e})", code="media_unreachable") from None
     return b"".join(chunks)
 
 

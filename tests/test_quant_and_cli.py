@@ -95,3 +95,26 @@ def test_demo_builds_once_and_answers(tmp_path):
     assert "first run" in r.stderr
     r = _cli("demo", "--cache", tmp_path)
     assert r.returncode == 0 and "first run" not in r.stderr
+
+
+def test_log_lines_go_to_the_stderr_of_the_moment(monkeypatch):
+    """The CLI's log handler looks sys.stderr up per record: a captured stream that was closed
+    since (pytest's, once its test ended) is never written to again."""
+    import io
+    import logging
+
+    from scops.runtime.cli import StderrHandler, install_log_handler
+    logger = install_log_handler()
+    assert any(isinstance(h, StderrHandler) for h in logger.handlers)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        first, second = io.StringIO(), io.StringIO()
+        monkeypatch.setattr("sys.stderr", first)
+        logger.info("one")
+        first.close()
+        monkeypatch.setattr("sys.stderr", second)
+        logger.info("two")                      # a handler bound to `first` would fail here
+    finally:
+        logger.setLevel(level)
+    assert second.getvalue() == "scops: two\n"

@@ -314,10 +314,18 @@ def test_api_key_and_remote_media(session, photos):
             assert r.usage.prompt_tokens > 32                                      # the picture arrived
             gone = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/"}}]}]
             status, err = post(server, {"messages": gone}, headers={"Authorization": "Bearer s3cret"})
-            assert status == 400 and "could not fetch" in err["error"]["message"]
+            assert status == 400 and "could not fetch the remote image from 127.0.0.1" in err["error"]["message"]
     finally:
         images.shutdown()
         images.server_close()
+
+
+def test_remote_fetch_errors_name_what_was_fetched():
+    from scops.runtime.engine import fetch_remote
+    from scops.runtime.openai_api import ApiError
+    with pytest.raises(ApiError, match="could not fetch the remote video from 127.0.0.1") as e:
+        fetch_remote("http://127.0.0.1:9/clip.mp4", what="remote video")
+    assert e.value.status == 400
 
 
 def test_binds_loopback_by_default(server):
