@@ -88,12 +88,18 @@ def plot_serve(result: dict, path: Path) -> None:
     busy = [lv for lv in levels if lv["concurrency"]]
     ax.plot([lv["concurrency"] for lv in busy], [lv["decode_tok_s"] for lv in busy], "o-", label="all streams")
     ax.plot([lv["concurrency"] for lv in busy], [lv["per_stream_tok_s"] for lv in busy], "s--", label="per stream")
+    c = result.get("ceiling")
+    if c:                                  # what llama_decode alone does with k sequences a step
+        ax.plot([int(k) for k in c["tok_s"]], list(c["tok_s"].values()), "^:", color="gray",
+                label="raw llama_decode (ceiling)")
+    ax.set_xticks(sorted({lv["concurrency"] for lv in busy}))
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"{result['shape']}: decode throughput")
     ax.legend(fontsize=8)
     bx.errorbar([lv["concurrency"] for lv in levels], [lv["ttft_p50"] for lv in levels],
                 yerr=[[0] * len(levels), [lv["ttft_p90"] - lv["ttft_p50"] for lv in levels]], fmt="o-", capsize=3)
+    bx.set_xticks([lv["concurrency"] for lv in levels])
     bx.set_xlabel("streams decoding meanwhile")
     bx.set_ylabel("text-turn TTFT ms (p50, bar to p90)")
     bx.set_title("time to first token under load")
