@@ -93,6 +93,11 @@ class ServerProcess:
                 time.sleep(0.2)
         raise RuntimeError("scops serve did not come up")
 
+    def health(self) -> dict:
+        import urllib.request
+        with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
+            return json.loads(r.read())
+
     def rss(self) -> dict:
         """Resident and peak resident bytes of the server process (Linux /proc)."""
         out = {}
@@ -356,7 +361,12 @@ def run_serve_bench(o: ServeBenchOptions, log: Log) -> dict:
         probe_ttft(client, [{"role": "user", "content": "warm up"}])
         levels = []
         for c in (0,) + o.concurrency:
+            before = server.health()
             level = measure_level(client, c, o, log)
+            after = server.health()
+            # steps of the streams' tokens that a probe cut short (runtime/batch.py), of all steps
+            level["steps"] = after["steps"] - before["steps"]
+            level["steps_cut_short"] = after["steps_cut_short"] - before["steps_cut_short"]
             levels.append(level)
             log(f"{c} streams: {level['decode_tok_s']:.1f} tok/s aggregate, probe TTFT p50 {level['ttft_p50']:.0f} ms")
         log(f"turns: {o.reps} repetitions (+1 warm-up) of a picture + question, then a follow-up")

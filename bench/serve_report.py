@@ -14,19 +14,20 @@ def render_markdown(result: dict, command: str) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM "
              f"(1-min load average at start: {m['load_avg_1m']})", "",
              "| streams | decode tok/s (all) | per stream | text-turn TTFT p50 ms | p90 ms "
-             "| server: from arrival | from submit | queued | prefill | cells decoded |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| server: from arrival | from submit | queued | prefill | cells decoded | steps cut short |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in result["levels"]:
         sv = lv.get("server_p50", {})
         lines.append(f"| {lv['concurrency']} | {lv['decode_tok_s']:.1f} | {lv['per_stream_tok_s']:.1f} | "
                      f"{lv['ttft_p50']:.1f} | {lv['ttft_p90']:.1f} | " + " | ".join(
                          _num(sv.get(k)) for k in ("arrival_ttft_ms", "ttft_ms", "queue_ms", "prefill_ms",
-                                                   "decoded_cells")) + " |")
+                                                   "decoded_cells")) + f" | {_cut(lv)} |")
     lines += ["", "Server columns: what the server reports in the finish chunk's `scops.timings` (p50 over the "
                   "probes), in ms: TTFT from the request's arrival (headers read) to its first token sampled; "
                   "TTFT from its submission to the scheduler (parsed, media prepared, conversation built); time "
                   "queued (waiting for the step in progress and for a slot); prefill. The client's TTFT adds "
-                  "HTTP, JSON and the client's own threads."]
+                  "HTTP, JSON and the client's own threads. Steps cut short: steps of the streams' tokens "
+                  "that a new prompt aborted, of all the server's steps during the level."]
     c = result.get("ceiling")
     if c:
         ks = list(c["tok_s"])
@@ -61,6 +62,10 @@ def render_markdown(result: dict, command: str) -> str:
               + ", ".join(f"{s} x{b['statuses'].count(s)}" for s in sorted(set(b["statuses"]))), ""]
     lines += target_table(result["targets"], "ratio")
     return "\n".join(lines) + "\n"
+
+
+def _cut(lv: dict) -> str:
+    return f"{lv['steps_cut_short']} of {lv['steps']}" if "steps" in lv else "—"
 
 
 def _num(v) -> str:

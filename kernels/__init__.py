@@ -29,7 +29,7 @@ import numpy as np
 from . import reference
 
 __all__ = ["ProjectorSpec", "Projector", "KernelError", "PinnedBuffer", "load_library", "native_info",
-           "cuda_available"]
+           "cuda_available", "flag_test_address"]
 
 _LOG = logging.getLogger("scops")
 _ABI = 1  # SCOPS_PROJECTOR_ABI in projector.h
@@ -84,6 +84,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "scops_cuda_available": (ctypes.c_int32, []),
         "scops_host_alloc": (ctypes.c_int32, [I64, ctypes.POINTER(VP)]),
         "scops_host_free": (None, [VP]),
+        "scops_flag_test": (ctypes.c_bool, [VP]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -126,6 +127,13 @@ def cuda_available() -> int:
     """Usable CUDA devices as the CUDA kernels library sees them; 0 when it does not load."""
     lib, _ = load_library(cuda=True)
     return int(lib.scops_cuda_available()) if lib is not None else 0
+
+
+def flag_test_address() -> int | None:
+    """Address of scops_flag_test (llama.cpp's abort callback for runtime/llm.py); None when
+    the native library does not load."""
+    lib, _ = load_library(False)
+    return ctypes.cast(lib.scops_flag_test, ctypes.c_void_p).value if lib is not None else None
 
 
 def native_info() -> dict:

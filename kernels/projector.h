@@ -24,6 +24,7 @@
 #ifndef SCOPS_PROJECTOR_H
 #define SCOPS_PROJECTOR_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #if defined(_WIN32)
@@ -116,6 +117,13 @@ SCOPS_API const char* scops_projector_backend_name(const scops_projector* h);
 SCOPS_API const char* scops_cpu_features(void);
 /* Number of usable CUDA devices; 0 in the CPU-only library or without a GPU. */
 SCOPS_API int32_t scops_cuda_available(void);
+
+/* llama.cpp's abort callback (ggml_abort_callback: bool (*)(void*)) for the runtime's
+ * scheduler: true once the int32 that `flag` points at is non-zero (a relaxed atomic load;
+ * NULL reads as 0).  ggml's CPU backend calls it after every graph node from its compute
+ * thread, with Python's GIL released: a ctypes callback would take the GIL there each time;
+ * this reads a word.  Twin: none (one load; tests/test_kernels.py checks it through ctypes). */
+SCOPS_API bool scops_flag_test(void* flag);
 
 #ifdef __cplusplus
 }

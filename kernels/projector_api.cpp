@@ -167,6 +167,15 @@ const char* scops_cpu_features(void) { return scops::cpu_path_features(scops::be
 
 int32_t scops_cuda_available(void) { return scops::cuda_device_count(); }
 
+bool scops_flag_test(void* flag) {
+    if (flag == nullptr) return false;
+#if defined(_MSC_VER)
+    return *static_cast<volatile const int32_t*>(flag) != 0;  // aligned 32-bit reads are atomic there
+#else
+    return __atomic_load_n(static_cast<const int32_t*>(flag), __ATOMIC_RELAXED) != 0;
+#endif
+}
+
 }  // extern "C"
 
 #ifndef SCOPS_WITH_CUDA

@@ -12,6 +12,12 @@ straight into the batch's `embd` memory (the projector's output buffer).
 batching: one new token of every streaming reply plus a chunk of a new prompt); the
 KV is unified because llama.cpp splits a batch over per-sequence streams into equal
 parts, which turns a mixed batch into one ubatch per token.
+
+A step asked to be `abortable` ends early, raising `DecodeAborted` with the KV as before
+it, once another thread calls `request_abort` (the scheduler cuts a step of the streams'
+tokens short for a new prompt). llama.cpp's CPU backend polls its abort callback after
+every graph node; the callback is scops_flag_test from the kernels library, which reads
+`abort_flag` without Python's GIL. Without that library steps are never cut short.
 """
 from __future__ import annotations
 
@@ -49,6 +55,10 @@ def init_backend() -> None:
     L.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
     L.llama_backend_init()
     _BACKEND_READY = True
+
+
+class DecodeAborted(RuntimeError):
+    """An abortable llama_decode was cut short by `request_abort`: nothing of it stayed."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,11 @@ class Llm:
         self.n_ctx_max = opts.n_ctx
         self.kv_type = opts.kv_type
         self.ctx = None
+        # the abort callback's word: `request_abort` sets it; a step that is not abortable
+        # points the callback at `_never` instead
+        self.abort_flag, self._never = ctypes.c_int32(0), ctypes.c_int32(0)
+        self._abort_cb = _abort_callback(L)
+        self.can_abort = self._abort_cb is not None
         self._new_context(min(opts.n_ctx_start, opts.n_ctx) if opts.n_ctx_start > 0 else opts.n_ctx)
         self.n_batch = L.llama_n_batch(self.ctx)
         self.n_embd = L.llama_model_n_embd_inp(self.model)
@@ -182,6 +197,8 @@ class Llm:
             raise BundleError(f"{self.path}: llama.cpp could not create a context (n_ctx={n_ctx})")
         self.mem = L.llama_get_memory(self.ctx)
         self.n_ctx = L.llama_n_ctx(self.ctx) // self.n_seq      # positions per sequence
+        self._armed = None                                       # what the abort callback reads
+        self._arm(False)
 
     def reserve(self, n: int) -> bool:
         """Room for n positions in each sequence: grows a context made with n_ctx_start (its
@@ -229,20 +246,36 @@ class Llm:
         return self.seqs[0]
 
     # ---- decoding ---------------------------------------------------------------
-    def _decode(self, batch, added: dict) -> None:
+    def _arm(self, abortable: bool) -> None:
+        """Point llama.cpp's abort callback at `abort_flag` (abortable) or at a word that stays 0."""
+        if self._abort_cb is None or self._armed == abortable:
+            return
+        word = self.abort_flag if abortable else self._never
+        self.L.llama_set_abort_callback(self.ctx, self._abort_cb, ctypes.addressof(word))
+        self._armed = abortable
+
+    def request_abort(self) -> None:
+        """Cut the abortable step in progress short (any thread; no effect on other steps)."""
+        self.abort_flag.value = 1
+
+    def _decode(self, batch, added: dict, abortable: bool = False) -> None:
         """llama_decode; then each sequence's mirror grows by its cells in `added`."""
+        self._arm(abortable)
         rc = self.L.llama_decode(self.ctx, batch)
         if rc != 0:
             for seq in added:            # forget whatever part of this batch may have landed
                 self.L.llama_memory_seq_rm(self.mem, seq, len(self.seqs[seq]), -1)
+            if rc == 2 and abortable:
+                raise DecodeAborted("llama_decode was aborted for a new prompt")
             raise RuntimeError(f"llama_decode failed with status {rc}")
         for seq, cells in added.items():
             self.seqs[seq].extend(cells)
 
-    def decode_step(self, runs: Sequence[tuple[int, Sequence[int], bool]]) -> list:
+    def decode_step(self, runs: Sequence[tuple[int, Sequence[int], bool]], abortable: bool = False) -> list:
         """One llama_decode of token runs of several sequences: runs = [(seq, tokens, logits
         at the run's end)], at most one run per sequence, n_batch tokens in all. Returns the
-        batch index of each run's logits (for `sample`/`logits`), or None where not asked."""
+        batch index of each run's logits (for `sample`/`logits`), or None where not asked.
+        abortable: `request_abort` may end it early (DecodeAborted, nothing of it kept)."""
         b = self._tok_batch
         n, where, added = 0, [], {}
         for seq, tokens, want in runs:
@@ -262,7 +295,7 @@ class Llm:
             where.append(n - 1 if want else None)
             added[seq] = tokens
         b.n_tokens = n
-        self._decode(b, added)
+        self._decode(b, added, abortable)
         return where
 
     def decode_tokens(self, tokens: Sequence[int], logits_at_end: bool, seq: int = 0) -> None:
@@ -424,6 +457,14 @@ class Llm:
             self.close()
         except Exception:
             pass
+
+
+def _abort_callback(L):
+    """scops_flag_test as llama.cpp's ggml_abort_callback (a C function: no GIL per graph node),
+    or None when the kernels library does not load."""
+    from scops.kernels import flag_test_address
+    address = flag_test_address()
+    return None if address is None else L.ggml_abort_callback(address)
 
 
 def split_runs(cells: Sequence) -> list[tuple[bool, list]]:

@@ -156,7 +156,8 @@ class Server:
                 "parallel": self.session.llm.n_seq, "active": e.scheduler.active(), "admitted": e.admitted,
                 "capacity": e.capacity, "queue": self.opts.queue, "counts": dict(e.counts),
                 "media_cache": {"hits": e.media_hits, "misses": e.media_misses},
-                "snapshots": len(e.scheduler.snapshots), "max_tokens_cap": self.opts.max_tokens_cap}
+                "snapshots": len(e.scheduler.snapshots), "max_tokens_cap": self.opts.max_tokens_cap,
+                "steps": e.scheduler.steps, "steps_cut_short": e.scheduler.aborted}
 
     # ---- routes ------------------------------------------------------------------------------
     async def page_view(self, request: Request) -> Response:

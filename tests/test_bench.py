@@ -73,6 +73,7 @@ def test_bench_serve_tiny(tmp_path, monkeypatch, capsys, bench_cache):
         # the server's own account of each probe: a short text turn, decoded past the system prompt
         assert 0 < lv["server_p50"]["decoded_cells"] < 40 and lv["server_p50"]["ttft_ms"] > 0
         assert lv["server_p50"]["arrival_ttft_ms"] >= lv["server_p50"]["ttft_ms"]
+        assert 0 <= lv["steps_cut_short"] <= lv["steps"] and lv["steps"] > 0
     ceiling = report["ceiling"]
     assert set(ceiling["tok_s"]) == {"1", "4"} and ceiling["n_seq"] == 5 and ceiling["threads"] >= 1
     assert all(len(v) == ceiling["reps"] for v in ceiling["step_ms"].values())

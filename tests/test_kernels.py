@@ -119,6 +119,22 @@ def test_chain_combinations(chain, dtype):
             check(spec, backend, rows, dtype)
 
 
+def test_flag_test_reads_the_word_it_is_given():
+    """scops_flag_test, llama.cpp's abort callback for the scheduler (runtime/llm.py)."""
+    from scops.kernels import flag_test_address
+    lib, where = load_library()
+    assert lib is not None, where
+    word = ctypes.c_int32(0)
+    assert lib.scops_flag_test(ctypes.addressof(word)) is False
+    word.value = 7
+    assert lib.scops_flag_test(ctypes.addressof(word)) is True
+    assert lib.scops_flag_test(None) is False
+    as_callback = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)(flag_test_address())
+    assert as_callback(ctypes.addressof(word)) is True       # called as llama.cpp will call it
+    word.value = 0
+    assert as_callback(ctypes.addressof(word)) is False
+
+
 def test_chain_combinations_numpy_backend():
     for chain in CHAINS:
         spec = ProjectorSpec(in_dim=37, out_dim=45, **chain)

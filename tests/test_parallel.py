@@ -7,6 +7,7 @@ import gc
 import threading
 import time
 
+import numpy as np
 import pytest
 
 Q = "What is in this picture?"
@@ -264,10 +265,11 @@ def test_a_request_gets_the_lock_between_two_steps_of_a_busy_engine(bundle):
     with Session.open(bundle("Q4_K_M"), n_ctx=512, parallel=3) as s:
         sched, decode = s.scheduler, s.llm.decode_step
 
-        def slow_step(runs):                      # a step as long as a CPU's, GIL released meanwhile
+        def slow_step(runs, abortable=False):     # a step as long as a CPU's, GIL released meanwhile
             time.sleep(0.02)
-            return decode(runs)
+            return decode(runs, abortable)
         s.llm.decode_step = slow_step
+        sched.preempt = False                     # the lock alone (cutting steps short: the next test)
         stream = s.chat().send("Tell me a story.", **greedy(400)).start()
         stop = threading.Event()
 
@@ -289,3 +291,67 @@ def test_a_request_gets_the_lock_between_two_steps_of_a_busy_engine(bundle):
             stop.set()
             t.join(30)
         assert max(waited) <= 1, waited
+
+
+def test_an_abortable_decode_is_cut_short_and_leaves_the_kv_as_it_was(exact3):
+    """llama.cpp aborts a step when asked (scops_flag_test polled after each graph node): the
+    sequence and its KV stay as before, and a non-abortable step ignores the request."""
+    from scops.runtime.llm import DecodeAborted
+    llm = exact3.llm
+    assert llm.can_abort                         # the kernels library is built in the test env
+    seq, prompt = 2, [1, 17, 23, 42, 99]
+    llm.truncate(0, seq)
+    llm.decode_step([(seq, prompt, True)])
+    next_tok = int(llm.logits().argmax())
+    llm.decode_step([(seq, [next_tok], True)])
+    want = llm.logits()
+    llm.truncate(len(prompt), seq)
+    llm.request_abort()
+    with pytest.raises(DecodeAborted):
+        llm.decode_step([(seq, [next_tok], True)], abortable=True)
+    assert len(llm.seqs[seq]) == len(prompt)
+    llm.decode_step([(seq, [next_tok], True)])   # the request is still up: only abortable steps see it
+    assert np.array_equal(llm.logits(), want)    # the KV held no trace of the aborted step
+    llm.abort_flag.value = 0
+    llm.truncate(0, seq)
+
+
+def test_a_new_prompt_cuts_the_streams_step_short_and_the_streams_lose_nothing(exact3):
+    """A step of the streams' tokens alone may be cut short (here: asked in every such step, as
+    if requests kept coming); then a new prompt's first chunk goes alone, and the step after
+    carries the streams' tokens: they advance every third step at worst. Greedy tokens are
+    those of a run with no cut."""
+    sched, llm = exact3.scheduler, exact3.llm
+    texts = ["Tell me a story.", "Tell me another story."]
+    alone = [exact3.chat().send(t, **greedy(12)).result().token_ids for t in texts]
+    a, b = (exact3.chat().send(t, **greedy(12)).start() for t in texts)
+    next(a), next(b)
+    while a._job.todo or b._job.todo or a._job.next_token is None or b._job.next_token is None:
+        sched.pump()
+    decode, cuts = llm.decode_step, []
+
+    def step(runs, abortable=False):             # a request comes in during every abortable step
+        if abortable:
+            cuts.append(len(runs))
+            llm.request_abort()
+        return decode(runs, abortable)
+    llm.decode_step = step
+    tokens = lambda: (len(a.token_ids), len(b.token_ids))
+    try:
+        aborted, n0 = sched.aborted, tokens()
+        sched.pump()                             # the streams' step: cut short, nothing kept
+        assert sched.aborted == aborted + 1 and cuts == [2] and tokens() == n0
+        sched.pump()                             # right after a cut: not abortable, the streams advance
+        assert sched.aborted == aborted + 1 and cuts == [2] and tokens() == (n0[0] + 1, n0[1] + 1)
+        sched.pump()                             # abortable again
+        assert sched.aborted == aborted + 2 and tokens() == (n0[0] + 1, n0[1] + 1)
+        new = exact3.chat().send("And a question?", **greedy(2)).start()
+        sched.pump()                             # the new prompt's first chunk, alone
+        assert new._job.read_started and tokens() == (n0[0] + 1, n0[1] + 1)
+        sched.pump()                             # then the streams' tokens, not abortable
+        assert tokens() == (n0[0] + 2, n0[1] + 2) and sched.aborted == aborted + 2
+    finally:
+        llm.decode_step = decode
+        llm.abort_flag.value = 0
+    assert [a.result().token_ids, b.result().token_ids] == alone
+    new.result()
