@@ -126,9 +126,9 @@ def test_a_stream_nobody_reads_gives_its_place_back(bundle):
             running(s, client_timeout_s=TIMEOUT_S, max_tokens_cap=2000) as server:
         step = s.llm.decode_step
 
-        def slow_step(runs):        # 2000 tokens take >= 10 s: the answer cannot end before the drop
+        def slow_step(runs, abortable=False):   # 2000 tokens take >= 10 s: the answer cannot end before the drop
             time.sleep(0.005)       # (a fast machine made the tiny model finish within the 2 s)
-            return step(runs)
+            return step(runs, abortable)
         s.llm.decode_step = slow_step
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)      # a small window, never drained
