@@ -11,10 +11,9 @@ other replies stream, a prompt advances by at most `prefill_chunk` cells a step,
 request does not stall them; alone, it takes whole batches. A prompt's first chunk goes
 alone, ahead of the streams' tokens (see `_step`): a short text turn's first token then
 costs one step of its own cells, not of its cells plus every stream's. A prompt submitted
-while a step of only the streams' tokens runs cuts that step short (llama.cpp aborts it,
-the KV as before): it waits a graph node, not the
-rest of the step (~100 ms for 4 streams of a 1B model on 2 cores), and its first chunk
-goes alone in the next step.
+while a step of only the streams' tokens runs cuts that step short (llama.cpp aborts it and
+the KV stays as before): the prompt waits a graph node, not the rest of the step (~100 ms
+for 4 streams of a 1B model on 2 cores), and its first chunk goes alone in the next step.
 
 Whoever wants a job's next piece calls `pump` (the Python API from the reader's thread,
 `scops serve` from its engine thread); one thread steps at a time, under `lock`, and
