@@ -19,6 +19,8 @@ import re
 import threading
 from dataclasses import dataclass
 
+from .llm import run_graph
+
 # match.py MatchModule.system_prompt and examples, verbatim (the prompt format is the fact).
 SYSTEM = ("You are a helpful assistant. Now I will give you a list of entities and give you a "
           "paragraph or sentence. you need to first extract the entity given in the text and then"
@@ -220,7 +222,7 @@ class LlmMatcher:
                 b.seq_id[i][0], b.logits[i] = 0, 0
             b.logits[len(chunk) - 1] = 1
             b.n_tokens = len(chunk)
-            if L.llama_decode(self.ctx, b) != 0:
+            if run_graph(L.llama_decode, self.ctx, b) != 0:
                 raise RuntimeError("llama_decode failed in the matcher")
 
     def generate(self, labels: list[str], answer: str) -> str:
