@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import save_report
+
 # build_sam.py's three variants at the published widths
 SAM_B = {"vision": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "image_size": 1024,
                     "patch_size": 16, "global_attn_indexes": [2, 5, 8, 11], "window_size": 14, "mlp_dim": 3072,
@@ -225,10 +227,8 @@ def run_grounding_bench(reps: int, threads: int, out: Path, command: str, log) -
     reps = reps or 5
     graphs = build(log)
     rows = measure(graphs, reps, threads, log)
-    out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, threads)
-    (out / "report.md").write_text(f"{md}\n\nreproduce: {command}\n")
-    (out / "report.json").write_text(json.dumps({"command": command, "threads": threads, "reps": reps,
-                                                 "picture": PICTURE, "rows": rows}, indent=1))
+    result = {"command": command, "threads": threads, "reps": reps, "picture": PICTURE, "rows": rows}
+    save_report(out, f"{md}\n\nreproduce: {command}\n", result)
     plot(rows, out / "latency.png")
     return md

@@ -23,6 +23,8 @@ import numpy as np
 
 from scops.export.fixtures_emu import EmuTinyShape
 
+from .report import save_report
+
 
 @dataclass(frozen=True)
 class EmuBenchShape:
@@ -176,9 +178,7 @@ def cmd_bench_imagine(args, log) -> int:
     result = run(args.shape, reps, steps, threads, Path(args.out), log)
     md = render(result, command)
     out = Path(args.out)
-    (out / "report.md").write_text(md + "\n")
-    (out / "report.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / "steps.png")
+    save_report(out, md + "\n", result, plot, "steps.png")
     print(md)
     print(f"wrote {out / 'report.md'}, report.json, steps.png")
     return 0

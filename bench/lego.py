@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import save_report
 from .shapes import cache_root, draw_tensor, plan_llama
 
 ROWS = 576
@@ -293,10 +294,7 @@ def run_lego_bench(args, log) -> int:
                   command=command, bundle=str(bundle), samples={"turns": raw["turns"], "splice": raw["splice"]})
     md = render(result, command, machine)
     outdir = Path(args.out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "report.md").write_text(md)
-    (outdir / "report.json").write_text(json.dumps(result, indent=1))
-    plot(result, outdir / "latency.png")
+    save_report(outdir, md, result, plot, "latency.png")
     print(md)
     print(f"wrote {outdir / 'report.md'}, report.json, latency.png")
     return 0

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .memory import GIB, PROFILES, TARGET_BYTES
+from .report import save_report
 from .run import describe_machine, run_worker
 
 Log = Callable[[str], None]
@@ -152,9 +153,6 @@ def run_memory_bench(o, log: Log, command: str) -> str:
     result = {"shape": o.shape, "command": command, "machine": machine, "bundle": str(bundle),
               "llm": describe_llm(bundle, shape.direct_llm),
               "profiles": {p: run_profile(p, bundle, o, log) for p in PROFILES}}
-    o.out.mkdir(parents=True, exist_ok=True)
     md = render(result)
-    (o.out / "memory.md").write_text(md)
-    (o.out / "memory.json").write_text(json.dumps(result, indent=1))
-    plot(result, o.out / "memory.png")
+    save_report(o.out, md, result, plot, "memory.png", stem="memory")
     return md

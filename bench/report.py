@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,20 @@ def render_markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_report(out: Path, md: str, result: dict, plot=None, png: str = "", stem: str = "report") -> None:
+    """out/{stem}.md and out/{stem}.json, then plot(result, out / png): the files every bench
+    leaves. Each is written whole or not at all (a temporary file, then a rename), and neither
+    is touched when the result cannot be serialised."""
+    files = ((f"{stem}.md", md), (f"{stem}.json", json.dumps(result, indent=1)))   # both, before writing
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files:
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    if plot is not None:
+        plot(result, out / png)
+
+
 def target_table(targets: list[dict], value_header: str = "value") -> list[str]:
     """The report's targets as markdown rows: value, pass/miss and by what factor."""
     lines = [f"| target | {value_header} | status |", "|---|---:|---|"]
@@ -214,11 +229,8 @@ def plot_latency(result: dict, path: Path) -> None:
 
 
 def write_report(result: dict, out: Path, command: str) -> str:
-    out.mkdir(parents=True, exist_ok=True)
     result["targets"] = check_targets(result["ratios"], GPU_TARGETS if is_gpu_plan(result) else TARGETS)
     result["command"] = command
     md = render_markdown(result, command)
-    (out / "report.md").write_text(md)
-    (out / "report.json").write_text(json.dumps(result, indent=1))
-    plot_latency(result, out / "latency.png")
+    save_report(out, md, result, plot_latency, "latency.png")
     return md

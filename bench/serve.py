@@ -219,7 +219,7 @@ def measure_level(client, c: int, o: ServeBenchOptions, log: Log) -> dict:
             probes.append(probe(client, [{"role": "user", "content": f"{PROBE} ({c}.{r})"}]))
         ttft = [p.ttft() for p in probes]
         if c and not all(s.is_alive() for s in streams):
-            log(f"  warning: a stream ended before the probes did (raise --tokens headroom)")
+            log("  warning: a stream ended before the probes did (raise --tokens headroom)")
     finally:
         for s in streams:
             s.stop()

@@ -1,10 +1,9 @@
 """`scops bench --serve`'s report: report.md (markdown tables), report.json and serve.png."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .report import target_table
+from .report import save_report, target_table
 
 
 def render_markdown(result: dict, command: str) -> str:
@@ -114,10 +113,7 @@ def plot_serve(result: dict, path: Path) -> None:
 
 
 def write_serve_report(result: dict, out: Path, command: str) -> str:
-    out.mkdir(parents=True, exist_ok=True)
     result["command"] = command
     md = render_markdown(result, command)
-    (out / "report.md").write_text(md)
-    (out / "report.json").write_text(json.dumps(result, indent=1))
-    plot_serve(result, out / "serve.png")
+    save_report(out, md, result, plot_serve, "serve.png")
     return md

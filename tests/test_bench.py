@@ -159,3 +159,18 @@ def test_grounding_bench_times_every_stage(grounding_bundle, tmp_path, monkeypat
     assert "picture total, SAM ViT-H" in md and report["picture"] == [800, 1066]
     assert (out / "report.md").read_text().endswith("reproduce: scops bench --shape bubogpt-grounding\n")
     assert (out / "latency.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_report_is_written_whole_or_not_at_all(tmp_path):
+    """bench/report.py save_report, which every bench's report goes through: a result that cannot
+    be written leaves the previous report.md / report.json as they were, and no temporary file."""
+    from scops.bench.report import save_report
+    plotted = []
+    save_report(tmp_path, "# one\n", {"a": 1}, lambda result, path: plotted.append((result, path.name)), "p.png")
+    assert (tmp_path / "report.md").read_text() == "# one\n"
+    assert json.loads((tmp_path / "report.json").read_text()) == {"a": 1} and plotted == [({"a": 1}, "p.png")]
+    with pytest.raises(TypeError):
+        save_report(tmp_path, "# two\n", {"a": object()})
+    assert json.loads((tmp_path / "report.json").read_text()) == {"a": 1}
+    assert (tmp_path / "report.md").read_text() == "# one\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
